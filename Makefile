@@ -1,0 +1,51 @@
+# Everything a fresh clone needs: `make demo` and `make test` create .venv, install the CPU build of
+# torch first (pinned, so pip never resolves a CUDA torch), then the project with its test extras,
+# which builds the native extension. Stamp files make a second run take seconds.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+TORCH  := torch==2.13.0
+# Build requirements installed into the venv so the editable build runs without isolation (no second
+# download of them, and an incremental CMake build tree in build/).
+BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12"
+
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: demo test bench install clean help
+
+help:
+	@echo "make demo   set everything up and show what TensorLink does today"
+	@echo "make test   set everything up and run the test suite"
+	@echo "make bench  run every benchmark in benchmarks/"
+	@echo "make clean  remove the venv and build outputs"
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	touch $@
+
+$(VENV)/.stamp-torch: $(VENV)/.stamp-venv
+	$(PIP) install $(TORCH)
+	touch $@
+
+$(VENV)/.stamp-install: $(VENV)/.stamp-torch $(NATIVE_SOURCES)
+	$(PIP) install $(BUILD_DEPS)
+	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PY) -c "import tensorlink, tensorlink._C as C; print('tensorlink._C built; CUDA compiled in:', C.cuda_compiled())"
+	touch $@
+
+install: $(VENV)/.stamp-install
+
+demo: install
+	$(PY) -m tensorlink.demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/wire.py
+
+clean:
+	rm -rf $(VENV) build src/tensorlink/_C*.so src/*.egg-info

@@ -1,0 +1,18 @@
+"""TensorLink: train and run PyTorch models across peers on the internet.
+
+The native extension ``tensorlink._C`` is required: there is no slow pure-Python fallback that could
+hide a broken build.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+try:
+    from tensorlink import _C  # noqa: F401  (imported to fail early and loudly)
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "tensorlink's native extension tensorlink._C is not built or does not load "
+        f"({exc}). Build it from the project root with `make install` (or "
+        "`pip install --no-build-isolation -e .` inside a venv that already has torch==2.13.0)."
+    ) from exc

@@ -1,0 +1,145 @@
+"""Control messages: typed msgspec Structs in one tagged union, msgpack on the wire.
+
+Every message carries the protocol version and has a size cap of its own; decoding checks the overall
+cap before parsing, the schema while parsing (unknown kinds and fields, wrong types, out-of-range
+values) and the kind's cap after. Any failure is a WireError that names what was wrong. Later
+capabilities add their message kinds to ``MESSAGE_TYPES``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, TypeVar, Union
+
+import msgspec
+
+from tensorlink.wire.errors import WireError
+
+PROTOCOL_VERSION = 1
+
+U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+U64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+PeerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
+Multiaddr = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^/")]
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+JobId = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+Key32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Role = Literal["worker", "validator", "user"]
+Device = Literal["cpu", "cuda"]
+
+
+class Message(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every control message. ``kind`` (the tag) and ``v`` (protocol version) are on the wire."""
+
+    v: Annotated[int, msgspec.Meta(ge=0, le=65535)] = PROTOCOL_VERSION
+    max_bytes: ClassVar[int] = 1024
+
+
+class Hello(Message, tag="hello"):
+    """First message on a TensorLink stream: who is speaking and which software."""
+
+    role: Role
+    software: ShortText
+    max_bytes: ClassVar[int] = 512
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    """Periodic liveness and load of a peer, gossiped."""
+
+    peer_id: PeerId
+    role: Role
+    seq: U64
+    time_ms: U64
+    load: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    stages: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    max_bytes: ClassVar[int] = 512
+
+
+class WorkerCapability(Message, tag="worker_capability"):
+    """What a worker offers, measured at start: published in the DHT."""
+
+    peer_id: PeerId
+    device: Device
+    device_name: ShortText
+    memory_bytes: U64
+    free_memory_bytes: U64
+    gflops: Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+    software: ShortText
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=16)] = []
+    max_bytes: ClassVar[int] = 16384
+
+
+class ChannelOffer(Message, tag="channel_offer"):
+    """Opens a data-plane channel for a job: the offerer's ephemeral key, a one-time token, its addresses."""
+
+    job: JobId
+    ephemeral_key: Key32
+    token: Key32
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=8)]
+    max_bytes: ClassVar[int] = 8192
+
+
+class ChannelAccept(Message, tag="channel_accept"):
+    """Answer to a ChannelOffer: the acceptor's ephemeral key and the token echoed back."""
+
+    job: JobId
+    ephemeral_key: Key32
+    token: Key32
+    max_bytes: ClassVar[int] = 512
+
+
+class ErrorReply(Message, tag="error"):
+    """A refusal with a machine-readable code and a sentence for the log."""
+
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+    message: Annotated[str, msgspec.Meta(max_length=1024)]
+    max_bytes: ClassVar[int] = 2048
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Heartbeat, WorkerCapability, ChannelOffer, ChannelAccept, ErrorReply)
+MAX_MESSAGE_BYTES = max(t.max_bytes for t in MESSAGE_TYPES)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Union[MESSAGE_TYPES])  # type: ignore[valid-type]
+
+
+class _VersionOnly(msgspec.Struct):
+    v: int = PROTOCOL_VERSION
+
+
+_version_decoder = msgspec.msgpack.Decoder(_VersionOnly)
+M = TypeVar("M", bound=Message)
+
+
+def encode_message(msg: Message) -> bytes:
+    """msgpack bytes of msg; refuses a message its receivers would reject for size."""
+    data = _encoder.encode(msg)
+    if len(data) > msg.max_bytes:
+        raise WireError(f"{type(msg).__name__} message is {len(data)} bytes, over its cap of {msg.max_bytes}")
+    return data
+
+
+def decode_message(data: bytes | bytearray | memoryview, expect: type[M] | None = None) -> M | Message:
+    """Parse and validate one message; ``expect`` narrows the accepted kind."""
+    size = memoryview(data).nbytes
+    if size > MAX_MESSAGE_BYTES:
+        raise WireError(f"control message of {size} bytes exceeds the largest allowed ({MAX_MESSAGE_BYTES} bytes)")
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"malformed control message: {exc}{_version_hint(data)}") from None
+    if size > msg.max_bytes:
+        raise WireError(f"{type(msg).__name__} message of {size} bytes exceeds its cap of {msg.max_bytes}")
+    if msg.v != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {msg.v} is not supported (this node speaks {PROTOCOL_VERSION})")
+    if expect is not None and not isinstance(msg, expect):
+        raise WireError(f"expected a {expect.__name__} message, got {type(msg).__name__}")
+    return msg
+
+
+def _version_hint(data: bytes | bytearray | memoryview) -> str:
+    """When a message fails to parse, say so if the cause is likely a different protocol version."""
+    try:
+        version = _version_decoder.decode(data).v
+    except msgspec.DecodeError:
+        return ""
+    return f" (the sender speaks protocol version {version}, this node {PROTOCOL_VERSION})" if version != PROTOCOL_VERSION else ""
