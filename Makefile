@@ -39,7 +39,13 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-torch $(NATIVE_SOURCES)
 install: $(VENV)/.stamp-install
 
 demo: install
-	$(PY) -m tensorlink.demo
+	@echo
+	@echo "TensorLink today is its foundation: the native frame codec, CRC32C, int8 compression, buffer"
+	@echo "pool and socket I/O in tensorlink._C, and the wire formats. Offloading a model over a local"
+	@echo "network comes with the peer node, Stage IR, data plane and offload() work still open."
+	@echo "What exists can be measured, so the demo is the wire benchmark:"
+	@echo
+	$(PY) benchmarks/wire.py
 
 test: install
 	$(PY) -m pytest

@@ -43,14 +43,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
-def quantize_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise absmax int8 of a floating tensor (CPU or CUDA): returns (scales float32, q int8), flat."""
+def int8_payload(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Blockwise absmax int8 of a floating tensor (CPU or CUDA) as one flat uint8 tensor in the frame's
+    payload layout: float32 scales, one per block, then the int8 values. Built in place, no extra copy."""
     if not x.is_floating_point():
         raise WireError(f"int8 quantization needs a floating tensor, got {x.dtype}")
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     n = flat.numel()
-    scales = torch.empty(-(-n // block), dtype=torch.float32, device=flat.device)
-    q = torch.empty(n, dtype=torch.int8, device=flat.device)
+    payload = torch.empty(int8_payload_len(n, block), dtype=torch.uint8, device=flat.device)
+    scales, q = split_int8_payload(payload, n, block)
     if flat.is_cuda:
         _require_cuda()
         stream = torch.cuda.current_stream(flat.device).cuda_stream
@@ -59,7 +60,18 @@ def quantize_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
             raise WireError("cannot int8-quantize non-finite values (NaN or infinity)")
     elif n:
         _C.quantize_int8(tensor_bytes(flat), block, tensor_bytes(scales), tensor_bytes(q))
-    return scales, q
+    return payload
+
+
+def split_int8_payload(payload: torch.Tensor, numel: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales float32, q int8) views of an int8 payload of numel values."""
+    nscales = -(-numel // block)
+    return payload[: nscales * 4].view(torch.float32), payload[nscales * 4 :].view(torch.int8)
+
+
+def quantize_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax int8 of a floating tensor: (scales float32, q int8), both flat."""
+    return split_int8_payload(int8_payload(x, block), x.numel(), block)
 
 
 def dequantize_int8(scales: torch.Tensor, q: torch.Tensor, block: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ from tensorlink import _C
 from tensorlink.wire.compression import (
     CAST_DTYPE,
     Compression,
-    tensor_bytes,
     dequantize_int8,
-    int8_payload_len,
-    quantize_int8,
+    int8_payload,
+    split_int8_payload,
+    tensor_bytes,
 )
 from tensorlink.wire.dtypes import code_of, dtype_of
 from tensorlink.wire.errors import ChecksumError, WireError
@@ -90,10 +90,7 @@ def encode_frame(
         block = block_size
         if not tensor.is_floating_point():
             raise WireError(f"int8 compression needs a floating dtype, not {tensor.dtype}")
-        scales, q = quantize_int8(tensor, block)
-        payload = memoryview(bytearray(int8_payload_len(q.numel(), block)))
-        payload[: scales.numel() * 4] = tensor_bytes(scales)
-        payload[scales.numel() * 4 :] = tensor_bytes(q)
+        payload = tensor_bytes(int8_payload(tensor, block))
     else:
         block = 0
         if not tensor.is_floating_point() or tensor.element_size() <= 2:
@@ -138,11 +135,9 @@ def decode_payload(header: FrameHeader, payload: object, *, verify: bool = True)
             raise WireError("bool payload holds bytes other than 0 and 1")
         return tensor
     if compression is Compression.INT8:
-        nblocks = -(-numel // header.block_size)
-        scales = torch.frombuffer(view, dtype=torch.float32, count=nblocks)
+        scales, q = split_int8_payload(torch.frombuffer(view, dtype=torch.uint8), numel, header.block_size)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise WireError("int8 frame has negative or non-finite block scales")
-        q = torch.frombuffer(view, dtype=torch.int8, count=numel, offset=nblocks * 4)
         return dequantize_int8(scales, q, header.block_size).to(dtype).reshape(shape)
     cast = torch.frombuffer(view, dtype=CAST_DTYPE[compression], count=numel)
     return cast.to(dtype).reshape(shape)

@@ -1,0 +1,47 @@
+"""Without its native extension, `import tensorlink` must fail loudly and say how to build it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_missing_extension_fails_with_build_instructions() -> None:
+    # Block tensorlink._C in a fresh interpreter (a meta path finder that refuses it), then import.
+    code = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "tensorlink._C":
+                    raise ImportError("blocked for the test")
+                return None
+        sys.meta_path.insert(0, Block())
+        import tensorlink
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "tensorlink._C is not built" in proc.stderr
+    assert "make install" in proc.stderr
+
+
+def test_extension_loads_and_reports_its_build() -> None:
+    from tensorlink import _C
+
+    assert _C.crc32c(b"123456789") == 0xE3069283
+    assert isinstance(_C.cuda_compiled(), bool)
+
+
+def test_cuda_sources_are_built_when_a_toolkit_is_found() -> None:
+    """CMake's AUTO mode: with nvcc on the build machine the CUDA path must be compiled in."""
+    import os
+    import shutil
+
+    from tensorlink import _C
+
+    if os.environ.get("TENSORLINK_NO_CUDA"):
+        assert not _C.cuda_compiled()
+    else:
+        assert _C.cuda_compiled() == bool(shutil.which("nvcc"))
