@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "cuda_api.h"
@@ -24,6 +25,7 @@ BufferPool::~BufferPool() { trim(); }
 // of nearly the same size (activations of one stage) share a class.
 size_t BufferPool::size_class(size_t nbytes) {
   if (nbytes <= kPage) return kPage;
+  if (nbytes > (size_t{1} << 62)) throw std::length_error("buffer request of " + std::to_string(nbytes) + " bytes is absurd");
   size_t top = size_t{1} << (63 - __builtin_clzll(nbytes - 1));  // largest power of two < nbytes
   size_t step = top >= 4 * kPage ? top / 4 : kPage;
   return (nbytes + step - 1) / step * step;
@@ -57,10 +59,10 @@ bool BufferPool::evict_until_fits(size_t cls, std::vector<std::pair<void*, size_
 }
 
 std::unique_ptr<PooledBuffer> BufferPool::acquire(size_t nbytes, double timeout_s) {
-  size_t cls = size_class(nbytes);
-  if (cls > capacity_)
+  if (nbytes > capacity_ || size_class(nbytes) > capacity_)
     throw PoolExhausted("a " + std::to_string(nbytes) + "-byte buffer can never fit a pool of " +
                         std::to_string(capacity_) + " bytes");
+  const size_t cls = size_class(nbytes);
   auto deadline = std::chrono::steady_clock::now() +
                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                       std::chrono::duration<double>(timeout_s < 0 ? 1e9 : timeout_s));

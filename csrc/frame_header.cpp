@@ -102,7 +102,9 @@ uint64_t expected_payload_len(uint8_t dtype, uint8_t compression, uint64_t numel
 void validate(const FrameHeader& h, uint64_t max_payload) {
   if (h.ndim > kMaxNdim)
     throw WireError("ndim " + std::to_string(h.ndim) + " exceeds the maximum of " + std::to_string(kMaxNdim));
-  uint64_t numel = 1;
+  // The extent (product of the non-zero dims) is bounded too, not just the element count: a shape like
+  // (0, 2^48, 2^48) holds no elements but would overflow stride arithmetic in any tensor library.
+  uint64_t numel = 1, extent = 1;
   for (int i = 0; i < kMaxNdim; ++i) {
     int64_t dim = h.shape[i];
     if (i >= h.ndim) {
@@ -111,8 +113,9 @@ void validate(const FrameHeader& h, uint64_t max_payload) {
     }
     if (dim < 0 || dim > kMaxDim)
       throw WireError("dimension " + std::to_string(i) + " has size " + std::to_string(dim) + ", outside 0..2^48");
-    if (mul_overflows(numel, static_cast<uint64_t>(dim), &numel) || numel > static_cast<uint64_t>(kMaxDim))
-      throw WireError("element count exceeds 2^48");
+    numel *= static_cast<uint64_t>(dim);  // <= extent, so it cannot overflow where extent did not
+    if (dim != 0 && (mul_overflows(extent, static_cast<uint64_t>(dim), &extent) || extent > static_cast<uint64_t>(kMaxDim)))
+      throw WireError("shape extent (product of the non-zero dimensions) exceeds 2^48");
   }
   uint64_t want = expected_payload_len(h.dtype, h.compression, numel, h.block_size);
   if (h.payload_len != want)

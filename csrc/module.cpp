@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <system_error>
@@ -58,7 +60,37 @@ void check_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
 
-double timeout_or_forever(const py::object& timeout) { return timeout.is_none() ? -1.0 : timeout.cast<double>(); }
+void check_block(size_t block) {
+  if (block == 0 || block > kMaxBlockSize)
+    throw WireError("int8 block size " + std::to_string(block) + " is outside 1.." + std::to_string(kMaxBlockSize));
+}
+
+// Seconds from a Python timeout argument: None waits forever (-1), otherwise a number >= 0.
+double timeout_or_forever(const py::object& timeout) {
+  if (timeout.is_none()) return -1.0;
+  if (!PyFloat_Check(timeout.ptr()) && !PyLong_Check(timeout.ptr()))
+    throw py::type_error("timeout must be a number of seconds or None");
+  double t = timeout.cast<double>();
+  if (!(t >= 0)) throw py::value_error("timeout must be >= 0 seconds or None");
+  return t;
+}
+
+// One deadline for a call made of several waits: what is left of it, or -1 for no deadline.
+class Deadline {
+ public:
+  explicit Deadline(double timeout_s)
+      : forever_(timeout_s < 0),
+        end_(std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                    std::chrono::duration<double>(forever_ ? 0.0 : timeout_s))) {}
+  double left() const {
+    if (forever_) return -1.0;
+    return std::max(0.0, std::chrono::duration<double>(end_ - std::chrono::steady_clock::now()).count());
+  }
+
+ private:
+  bool forever_;
+  std::chrono::steady_clock::time_point end_;
+};
 
 FrameHeader make_header(uint8_t dtype, const std::vector<int64_t>& shape, uint8_t compression, uint32_t block_size,
                         uint64_t payload_len, uint32_t payload_crc, const py::bytes& job, uint64_t step,
@@ -182,7 +214,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("quantize_int8", [](const py::handle& src, size_t block, const py::handle& scales, const py::handle& q) {
     View x(src, false, "src"), s(scales, true, "scales"), out(q, true, "q");
-    if (block == 0 || block > kMaxBlockSize) throw WireError("int8 block size must be in 1.." + std::to_string(kMaxBlockSize));
+    check_block(block);
     if (x.size() % 4) throw WireError("src must hold float32 values (length divisible by 4)");
     size_t n = x.size() / 4, nblocks = n / block + (n % block != 0);
     if (s.size() < nblocks * 4 || out.size() < n) throw WireError("scales or q output buffer too small");
@@ -200,7 +232,7 @@ PYBIND11_MODULE(_C, m) {
         "Blockwise absmax int8 quantization of float32 src into scales (float32) and q (int8).");
   m.def("dequantize_int8", [](const py::handle& q, const py::handle& scales, size_t block, const py::handle& dst) {
     View in(q, false, "q"), s(scales, false, "scales"), out(dst, true, "dst");
-    if (block == 0 || block > kMaxBlockSize) throw WireError("int8 block size must be in 1.." + std::to_string(kMaxBlockSize));
+    check_block(block);
     size_t n = in.size(), nblocks = n / block + (n % block != 0);
     if (s.size() < nblocks * 4 || out.size() < n * 4) throw WireError("scales or dst buffer too small");
     py::gil_scoped_release nogil;
@@ -255,31 +287,31 @@ PYBIND11_MODULE(_C, m) {
         "Fill every byte of parts from the socket fd with scattered reads.");
   m.def("recv_frame", [](int fd, std::shared_ptr<BufferPool> pool, uint64_t max_payload, const py::object& timeout,
                          bool verify) {
-    double t = timeout_or_forever(timeout);
+    Deadline deadline(timeout_or_forever(timeout));
     py::gil_scoped_release nogil;
     uint8_t raw[kHeaderSize];
-    recv_all(fd, {iovec{raw, kHeaderSize}}, t, check_signals);
+    recv_all(fd, {iovec{raw, kHeaderSize}}, deadline.left(), check_signals);
     FrameHeader h = decode_header(raw, kHeaderSize, max_payload);  // validated before any allocation
-    std::unique_ptr<PooledBuffer> buf = pool->acquire(h.payload_len, t);
-    recv_all(fd, {iovec{buf->data(), h.payload_len}}, t, check_signals);
+    std::unique_ptr<PooledBuffer> buf = pool->acquire(h.payload_len, deadline.left());
+    recv_all(fd, {iovec{buf->data(), h.payload_len}}, deadline.left(), check_signals);
     if (verify && tl::crc32c(0, buf->data(), h.payload_len) != h.payload_crc)
       throw ChecksumError("payload checksum mismatch (corrupted in transit) in " + header_repr(h));
     return std::make_pair(h, std::move(buf));
   }, py::arg("fd"), py::arg("pool"), py::arg("max_payload"), py::arg("timeout") = py::none(), py::arg("verify") = true,
         "Read one whole frame: header (validated against max_payload before allocating), then the payload "
-        "into a pool buffer, checksum verified. Returns (FrameHeader, PooledBuffer).");
+        "into a pool buffer, checksum verified; timeout bounds the whole call. Returns (FrameHeader, PooledBuffer).");
 
   m.def("cuda_compiled", [] { return cuda::kCompiled; }, "Whether the CUDA sources were built in.");
   m.def("cuda_available", &cuda::available, "Whether a CUDA device is usable (compiled in and present).");
 #ifdef TENSORLINK_WITH_CUDA
   m.def("cuda_quantize_int8", [](uintptr_t x, size_t n, size_t block, uintptr_t scales, uintptr_t q, uintptr_t stream) {
-    if (block == 0 || block > kMaxBlockSize) throw WireError("int8 block size must be in 1.." + std::to_string(kMaxBlockSize));
+    check_block(block);
     cuda::quantize_int8(reinterpret_cast<const float*>(x), n, block, reinterpret_cast<float*>(scales),
                         reinterpret_cast<int8_t*>(q), stream);
   }, py::arg("x"), py::arg("n"), py::arg("block"), py::arg("scales"), py::arg("q"), py::arg("stream"),
         "Enqueue blockwise int8 quantization of n float32 values at device pointer x on stream.");
   m.def("cuda_dequantize_int8", [](uintptr_t q, uintptr_t scales, size_t n, size_t block, uintptr_t out, uintptr_t stream) {
-    if (block == 0 || block > kMaxBlockSize) throw WireError("int8 block size must be in 1.." + std::to_string(kMaxBlockSize));
+    check_block(block);
     cuda::dequantize_int8(reinterpret_cast<const int8_t*>(q), reinterpret_cast<const float*>(scales), n, block,
                           reinterpret_cast<float*>(out), stream);
   }, py::arg("q"), py::arg("scales"), py::arg("n"), py::arg("block"), py::arg("out"), py::arg("stream"),

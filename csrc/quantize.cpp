@@ -54,7 +54,9 @@ int64_t quantize_int8(const float* x, size_t n, size_t block, float* scales, int
       std::memset(q + start, 0, len);
       continue;
     }
-    scales[b] = absmax / 127.0f;
+    float scale = absmax / 127.0f;
+    if (std::isinf(scale * 127.0f)) scale = std::nextafter(scale, 0.0f);  // absmax near FLT_MAX
+    scales[b] = scale;
     quantize_block(x + start, len, 127.0f / absmax, q + start);
   }
   return -1;

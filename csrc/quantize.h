@@ -1,7 +1,10 @@
 // Blockwise absmax 8-bit quantization of float32 data (activations and gradients on the wire).
 //
 // Each block of `block` values gets scale = absmax / 127 and q = round(x / scale) in [-127, 127], so
-// |x - q * scale| <= absmax / 254 (half a step) plus float32 rounding. A block whose absmax is below
+// |x - q * scale| <= absmax / 254 * (1 + 2^-13): half a step, plus three float32 roundings (the scale,
+// x * (127 / absmax), and q * scale), which together stay under 2^-13 of half a step. The scale is
+// rounded down where needed so that 127 * scale never overflows (absmax = FLT_MAX stays finite). A
+// block whose absmax is below
 // kTinyAbsmax (1e-30, where 127 / absmax would overflow float32 precision) is sent as zeros with scale 0,
 // so its error is at most 1e-30.
 #pragma once

@@ -37,7 +37,11 @@ __global__ void quantize_kernel(const float* __restrict__ x, size_t n, size_t bl
   }
   const float absmax = __uint_as_float(bits);
   const bool tiny = absmax < kTinyAbsmax;
-  if (threadIdx.x == 0) scales[blockIdx.x] = tiny ? 0.0f : absmax / 127.0f;
+  if (threadIdx.x == 0) {
+    float scale = tiny ? 0.0f : absmax / 127.0f;
+    if (isinf(scale * 127.0f)) scale = nextafterf(scale, 0.0f);  // same rule as the host path
+    scales[blockIdx.x] = scale;
+  }
   const float inv = tiny ? 0.0f : 127.0f / absmax;
   for (size_t i = threadIdx.x; i < len; i += blockDim.x) {
     float v = nearbyintf(x[start + i] * inv);

@@ -4,7 +4,8 @@ Error bounds, per element x of a block whose largest magnitude is absmax:
 - bf16 cast: |x - x'| <= |x| * 2**-8 (round to nearest, 8 significant bits).
 - fp16 cast: |x - x'| <= |x| * 2**-11 for |x| in fp16's normal range (6.1e-5 .. 65504); larger values
   overflow to infinity, so use bf16 or int8 for data that may exceed it.
-- int8: |x - x'| <= absmax / 254 * (1 + 2**-20); a block with absmax < 1e-30 is sent as zeros.
+- int8: |x - x'| <= absmax / 254 * (1 + 2**-13) (half a step plus float32 rounding); a block with
+  absmax < 1e-30 is sent as zeros.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _NATIVE_NAMES = {"none": Compression.NONE, "bf16": Compression.BF16, "fp16": Com
 assert {name: int(c) for name, c in _NATIVE_NAMES.items()} == _C.compression_table(), "compression codes drifted"
 
 CAST_DTYPE = {Compression.BF16: torch.bfloat16, Compression.FP16: torch.float16}
-INT8_RELATIVE_SLACK = 2.0**-20
+INT8_RELATIVE_SLACK = 2.0**-13
 
 
 def int8_payload_len(numel: int, block: int) -> int:
@@ -48,6 +49,8 @@ def int8_payload(x: torch.Tensor, block: int) -> torch.Tensor:
     payload layout: float32 scales, one per block, then the int8 values. Built in place, no extra copy."""
     if not x.is_floating_point():
         raise WireError(f"int8 quantization needs a floating tensor, got {x.dtype}")
+    if not 1 <= block <= _C.MAX_BLOCK_SIZE:
+        raise WireError(f"int8 block size {block} is outside 1..{_C.MAX_BLOCK_SIZE}")
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     n = flat.numel()
     payload = torch.empty(int8_payload_len(n, block), dtype=torch.uint8, device=flat.device)

@@ -18,8 +18,9 @@ PROTOCOL_VERSION = 1
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-PeerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
-Multiaddr = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^/")]
+# Patterns end in \Z, not $: msgspec searches with `re`, where $ also matches before a final newline.
+PeerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+\Z")]
+Multiaddr = Annotated[str, msgspec.Meta(min_length=2, max_length=512, pattern=r"^/[\x21-\x7e]+\Z")]
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 JobId = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 Key32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -67,6 +68,10 @@ class WorkerCapability(Message, tag="worker_capability"):
     addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=16)] = []
     max_bytes: ClassVar[int] = 16384
 
+    def __post_init__(self) -> None:
+        if self.free_memory_bytes > self.memory_bytes:
+            raise ValueError("free_memory_bytes exceeds memory_bytes")
+
 
 class ChannelOffer(Message, tag="channel_offer"):
     """Opens a data-plane channel for a job: the offerer's ephemeral key, a one-time token, its addresses."""
@@ -90,7 +95,7 @@ class ChannelAccept(Message, tag="channel_accept"):
 class ErrorReply(Message, tag="error"):
     """A refusal with a machine-readable code and a sentence for the log."""
 
-    code: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*\Z")]
     message: Annotated[str, msgspec.Meta(max_length=1024)]
     max_bytes: ClassVar[int] = 2048
 
@@ -127,6 +132,10 @@ def decode_message(data: bytes | bytearray | memoryview, expect: type[M] | None 
         msg = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise WireError(f"malformed control message: {exc}{_version_hint(data)}") from None
+    except UnicodeDecodeError as exc:
+        raise WireError(f"malformed control message: invalid UTF-8 in a string ({exc.reason})") from None
+    except RecursionError:
+        raise WireError("malformed control message: nesting too deep") from None
     if size > msg.max_bytes:
         raise WireError(f"{type(msg).__name__} message of {size} bytes exceeds its cap of {msg.max_bytes}")
     if msg.v != PROTOCOL_VERSION:
@@ -140,6 +149,6 @@ def _version_hint(data: bytes | bytearray | memoryview) -> str:
     """When a message fails to parse, say so if the cause is likely a different protocol version."""
     try:
         version = _version_decoder.decode(data).v
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return ""
     return f" (the sender speaks protocol version {version}, this node {PROTOCOL_VERSION})" if version != PROTOCOL_VERSION else ""
