@@ -48,6 +48,7 @@ demo: install
 	$(PY) benchmarks/wire.py
 
 test: install
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
 bench: install

@@ -123,7 +123,9 @@ def print_table(result: dict[str, object], console: Console) -> None:
         "int8": "TensorLink frame, int8 blockwise",
     }
     frame = float(result["frame_gbps"])  # type: ignore[arg-type]
-    table = Table(title=f"Encode + decode of a {result['size_mib']} MiB float32 tensor, 1 thread, best of {result['repeats']}")
+    table = Table(
+        title=f"Encode + decode of a {result['size_mib']} MiB float32 tensor, 1 thread, best of {result['repeats']}"
+    )
     table.add_column("path")
     table.add_column("GB/s", justify="right")
     table.add_column("frame is N× faster", justify="right")

@@ -106,7 +106,13 @@ def test_scanner_catches(snippet: str) -> None:
 
 @pytest.mark.parametrize(
     "snippet",
-    ['"""we never pickle peer bytes"""', "re.compile('x')", "json.loads(s)", "safetensors.torch.load(b)", "x.evaluate()"],
+    [
+        '"""we never pickle peer bytes"""',
+        "re.compile('x')",
+        "json.loads(s)",
+        "safetensors.torch.load(b)",
+        "x.evaluate()",
+    ],
 )
 def test_scanner_ignores_safe_code(snippet: str) -> None:
     assert not find_unsafe(snippet), snippet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from samples import sample
 
 from tensorlink import _C
 from tensorlink.wire import Compression, Route, WireError, decode_frame, decode_payload, encode_frame
@@ -13,17 +14,6 @@ from tensorlink.wire.frame import HEADER_SIZE, decode_header
 
 ALL_DTYPES = list(CODE_BY_DTYPE)
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 3), (4, 1, 5), (2, 2, 2, 2, 2, 2, 2, 2)]
-
-
-def sample(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Values that use the dtype's range, so a wrong byte order or width would show."""
-    g = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 1e3).to(dtype)
-    info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dtype)
 
 
 def roundtrip(t: torch.Tensor, **kw: object) -> tuple[torch.Tensor, Route]:
@@ -172,8 +162,12 @@ def test_forged_int8_scales_are_refused() -> None:
     payload = bytearray(encode_frame(torch.ones(8), compression=Compression.INT8, block_size=8).payload)
     payload[0:4] = bytes.fromhex("0000c0ff")  # NaN scale
     header = _C.FrameHeader(
-        dtype=CODE_BY_DTYPE[torch.float32], shape=[8], compression=int(Compression.INT8), block_size=8,
-        payload_len=len(payload), payload_crc=_C.crc32c(payload),
+        dtype=CODE_BY_DTYPE[torch.float32],
+        shape=[8],
+        compression=int(Compression.INT8),
+        block_size=8,
+        payload_len=len(payload),
+        payload_crc=_C.crc32c(payload),
     )
     with pytest.raises(WireError, match="non-finite block scales"):
         decode_frame(bytearray(_C.encode_header(header, 1 << 20) + payload))

@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from samples import sample
 
 from tensorlink.wire import ChecksumError, Compression, Route, WireError, decode_frame, encode_frame
 from tensorlink.wire.dtypes import CODE_BY_DTYPE, DTYPE_BY_CODE
@@ -107,30 +108,51 @@ free_and_total = st.tuples(u64, u64).map(sorted)  # free memory never exceeds to
 valid_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, role=roles, software=short_text),
     st.builds(
-        Heartbeat, peer_id=peer_ids, role=roles, seq=u64, time_ms=u64, load=st.floats(0.0, 1.0),
+        Heartbeat,
+        peer_id=peer_ids,
+        role=roles,
+        seq=u64,
+        time_ms=u64,
+        load=st.floats(0.0, 1.0),
         stages=st.integers(0, 4096),
     ),
     st.builds(
         lambda memory, **fields: WorkerCapability(free_memory_bytes=memory[0], memory_bytes=memory[1], **fields),
-        memory=free_and_total, peer_id=peer_ids, device=st.sampled_from(["cpu", "cuda"]), device_name=short_text,
-        gflops=st.floats(0.0, 1e9), software=short_text, addrs=st.lists(multiaddrs, max_size=16),
+        memory=free_and_total,
+        peer_id=peer_ids,
+        device=st.sampled_from(["cpu", "cuda"]),
+        device_name=short_text,
+        gflops=st.floats(0.0, 1e9),
+        software=short_text,
+        addrs=st.lists(multiaddrs, max_size=16),
     ),
     st.builds(
-        ChannelOffer, job=st.binary(min_size=16, max_size=16), ephemeral_key=st.binary(min_size=32, max_size=32),
-        token=st.binary(min_size=32, max_size=32), addrs=st.lists(multiaddrs, max_size=8),
+        ChannelOffer,
+        job=st.binary(min_size=16, max_size=16),
+        ephemeral_key=st.binary(min_size=32, max_size=32),
+        token=st.binary(min_size=32, max_size=32),
+        addrs=st.lists(multiaddrs, max_size=8),
     ),
     st.builds(
-        ChannelAccept, job=st.binary(min_size=16, max_size=16), ephemeral_key=st.binary(min_size=32, max_size=32),
+        ChannelAccept,
+        job=st.binary(min_size=16, max_size=16),
+        ephemeral_key=st.binary(min_size=32, max_size=32),
         token=st.binary(min_size=32, max_size=32),
     ),
     st.builds(
-        ErrorReply, code=st.from_regex(r"\A[a-z][a-z0-9_]{0,63}\Z"),
+        ErrorReply,
+        code=st.from_regex(r"\A[a-z][a-z0-9_]{0,63}\Z"),
         message=st.text(max_size=1024) | st.text(WIDE, min_size=500, max_size=1024),
     ),
 )
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=40)
-    | st.binary(max_size=40) | st.sampled_from(["worker", "cuda", "/ip4/1.2.3.4", BASE58[:20], "hello"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=40)
+    | st.sampled_from(["worker", "cuda", "/ip4/1.2.3.4", BASE58[:20], "hello"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=8,
 )
@@ -321,7 +343,8 @@ FLOATING = {code for code, dtype in DTYPE_BY_CODE.items() if dtype.is_floating_p
 HEADER_ERROR = (
     r"truncated frame header|bad frame magic|unsupported frame version|frame header checksum mismatch"
     r"|reserved header bytes are not zero|ndim \d+ exceeds the maximum of 8|shape slot \d beyond ndim is not zero"
-    r"|dimension \d has size -?\d+, outside 0\.\.2\^48|shape extent \(product of the non-zero dimensions\) exceeds 2\^48"
+    r"|dimension \d has size -?\d+, outside 0\.\.2\^48"
+    r"|shape extent \(product of the non-zero dimensions\) exceeds 2\^48"
     r"|unknown dtype code \d+"
     r"|unknown compression code \d+|block size must be 0 without int8 compression"
     r"|(bf16|fp16) compression needs a float32 or float64 tensor|int8 compression needs a floating dtype"
@@ -354,8 +377,20 @@ def forge_header(
     slots = list(shape) + [0] * (8 - len(shape))
     header = bytearray(
         HEADER.pack(
-            b"TLFR", 1, dtype, compression, len(shape) if ndim is None else ndim, reserved, block_size,
-            payload_len, job, step, micro_batch, stage, payload_crc, *slots,
+            b"TLFR",
+            1,
+            dtype,
+            compression,
+            len(shape) if ndim is None else ndim,
+            reserved,
+            block_size,
+            payload_len,
+            job,
+            step,
+            micro_batch,
+            stage,
+            payload_crc,
+            *slots,
         )
     )
     return seal(header)
@@ -390,16 +425,6 @@ def expected_payload_len(dtype: int, compression: int, numel: int, block: int) -
     return None
 
 
-def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 100).to(dtype)
-    info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dtype)
-
-
 FRAME_SPECS: list[tuple[torch.dtype, tuple[int, ...], Compression, int]] = [
     (torch.float32, (3, 4), Compression.NONE, 0),
     (torch.float32, (3, 4), Compression.BF16, 0),
@@ -423,7 +448,7 @@ FRAME_SPECS: list[tuple[torch.dtype, tuple[int, ...], Compression, int]] = [
 ]
 ROUTE = Route(job=bytes(range(16)), step=2**40 + 3, micro_batch=7, stage=2)
 VALID_FRAMES: list[bytes] = [
-    encode_frame(sample(dt, shape, seed), ROUTE, compression=c, block_size=block or 4096).to_bytes()
+    encode_frame(sample(shape, dt, seed, scale=100), ROUTE, compression=c, block_size=block or 4096).to_bytes()
     for seed, (dt, shape, c, block) in enumerate(FRAME_SPECS)
 ]
 frame_ids = st.integers(0, len(VALID_FRAMES) - 1)
@@ -449,20 +474,27 @@ def test_forged_headers_match_the_encoder() -> None:
     for frame in VALID_FRAMES:
         header = decode_header(frame)
         forged = forge_header(
-            dtype=header.dtype, shape=list(header.shape), compression=header.compression,
-            block_size=header.block_size, payload_len=header.payload_len, payload_crc=header.payload_crc,
-            job=header.job, step=header.step, micro_batch=header.micro_batch, stage=header.stage,
+            dtype=header.dtype,
+            shape=list(header.shape),
+            compression=header.compression,
+            block_size=header.block_size,
+            payload_len=header.payload_len,
+            payload_crc=header.payload_crc,
+            job=header.job,
+            step=header.step,
+            micro_batch=header.micro_batch,
+            stage=header.stage,
         )
         assert bytes(forged) == frame[:HEADER_SIZE]
 
 
 def test_valid_frames_decode() -> None:
     """The corpus the mutations start from is itself valid."""
-    for seed, ((dt, shape, c, _), frame) in enumerate(zip(FRAME_SPECS, VALID_FRAMES)):
+    for seed, ((dt, shape, c, _), frame) in enumerate(zip(FRAME_SPECS, VALID_FRAMES, strict=True)):
         out = decode_frame(bytearray(frame))
         assert out.tensor.dtype == dt and tuple(out.tensor.shape) == shape and out.route == ROUTE
         if c is Compression.NONE:
-            assert torch.equal(out.tensor, sample(dt, shape, seed))
+            assert torch.equal(out.tensor, sample(shape, dt, seed, scale=100))
 
 
 @fuzz(400)
@@ -589,13 +621,18 @@ HOSTILE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     shape=st.lists(st.integers(0, 6), max_size=4),
     mutations=st.lists(st.sampled_from(sorted(HOSTILE_FIELDS)), max_size=3),
     route=st.tuples(
-        st.binary(min_size=16, max_size=16), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+        st.binary(min_size=16, max_size=16),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**32 - 1),
         st.integers(0, 2**32 - 1),
     ),
     data=st.data(),
 )
 def test_forged_headers_with_a_correct_crc(
-    coding: tuple[int, int, int], shape: list[int], mutations: list[str], route: tuple[bytes, int, int, int],
+    coding: tuple[int, int, int],
+    shape: list[int],
+    mutations: list[str],
+    route: tuple[bytes, int, int, int],
     data: st.DataObject,
 ) -> None:
     """Differential check of the native header validator against the format's rules written out here:
@@ -607,7 +644,11 @@ def test_forged_headers_with_a_correct_crc(
     payload_len = expected_payload_len(dtype, compression, math.prod(shape), block_size)
     assert payload_len is not None
     f: dict[str, Any] = dict(
-        dtype=dtype, compression=compression, ndim=len(shape), block_size=block_size, reserved=bytes(3),
+        dtype=dtype,
+        compression=compression,
+        ndim=len(shape),
+        block_size=block_size,
+        reserved=bytes(3),
         payload_len=payload_len,
     )
     for field in mutations:
@@ -623,8 +664,12 @@ def test_forged_headers_with_a_correct_crc(
     numel = prefix_numel(dims) if ndim <= 8 else None
     want = None if numel is None else expected_payload_len(f["dtype"], f["compression"], numel, f["block_size"])
     valid = (
-        f["reserved"] == bytes(3) and ndim <= 8 and all(s == 0 for s in slots[ndim:]) and want is not None
-        and payload_len == want and payload_len <= MAX_FRAME_PAYLOAD
+        f["reserved"] == bytes(3)
+        and ndim <= 8
+        and all(s == 0 for s in slots[ndim:])
+        and want is not None
+        and payload_len == want
+        and payload_len <= MAX_FRAME_PAYLOAD
     )
     small = payload_len <= 4096
     payload = data.draw(st.binary(min_size=payload_len, max_size=payload_len) if small else st.binary(max_size=64))

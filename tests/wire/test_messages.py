@@ -158,9 +158,22 @@ def test_wrong_field_type(fields: dict[str, Any], match: str) -> None:
         ({**HELLO, "software": "s" * 257}, r"Expected `str` of length <= 256 - at `\$\.software`"),
     ],
     ids=[
-        "negative-seq", "time-2^63", "load-1.5", "load-nan", "stages-4097", "role-admin", "peer-not-base58",
-        "peer-empty", "v-65536", "job-15-bytes", "token-33-bytes", "offer-9-addrs", "addr-no-slash",
-        "code-pattern", "message-1025", "software-257",
+        "negative-seq",
+        "time-2^63",
+        "load-1.5",
+        "load-nan",
+        "stages-4097",
+        "role-admin",
+        "peer-not-base58",
+        "peer-empty",
+        "v-65536",
+        "job-15-bytes",
+        "token-33-bytes",
+        "offer-9-addrs",
+        "addr-no-slash",
+        "code-pattern",
+        "message-1025",
+        "software-257",
     ],
 )
 def test_out_of_range_value(fields: dict[str, Any], match: str) -> None:
@@ -226,7 +239,8 @@ def test_oversized_input_is_refused_before_parsing(wrap: type) -> None:
     data = wrap(b"\xc1" * (MAX_MESSAGE_BYTES + 1))
     with pytest.raises(
         WireError,
-        match=rf"control message of {MAX_MESSAGE_BYTES + 1} bytes exceeds the largest allowed \({MAX_MESSAGE_BYTES} bytes\)",
+        match=rf"control message of {MAX_MESSAGE_BYTES + 1} bytes exceeds the largest allowed "
+        rf"\({MAX_MESSAGE_BYTES} bytes\)",
     ):
         decode_message(data)
     with pytest.raises(WireError, match="invalid opcode"):  # one byte less is parsed
@@ -289,8 +303,14 @@ def test_encode_refuses_a_message_over_its_cap() -> None:
     with pytest.raises(WireError, match=r"Hello message is \d+ bytes, over its cap of 512"):
         encode_message(Hello(role="worker", software="\u20ac" * 256))  # 768 bytes of text
     capability = WorkerCapability(
-        peer_id=PEER, device="cpu", device_name="x", memory_bytes=1, free_memory_bytes=1, gflops=1.0,
-        software="x", addrs=["/" + "\u20ac" * 511] * 16,
+        peer_id=PEER,
+        device="cpu",
+        device_name="x",
+        memory_bytes=1,
+        free_memory_bytes=1,
+        gflops=1.0,
+        software="x",
+        addrs=["/" + "\u20ac" * 511] * 16,
     )
     with pytest.raises(WireError, match=r"WorkerCapability message is \d+ bytes, over its cap of 16384"):
         encode_message(capability)
@@ -360,8 +380,14 @@ def test_multiaddrs_refuse_whitespace_control_chars_and_emptiness(addr: str) -> 
 
 def test_capability_with_more_free_than_total_memory_is_refused() -> None:
     fields = {
-        "kind": "worker_capability", "peer_id": PEER, "device": "cpu", "device_name": "x", "memory_bytes": 10,
-        "free_memory_bytes": 11, "gflops": 1.0, "software": "t",
+        "kind": "worker_capability",
+        "peer_id": PEER,
+        "device": "cpu",
+        "device_name": "x",
+        "memory_bytes": 10,
+        "free_memory_bytes": 11,
+        "gflops": 1.0,
+        "software": "t",
     }
     with pytest.raises(WireError, match="free_memory_bytes exceeds memory_bytes"):
         decode_message(raw(fields))

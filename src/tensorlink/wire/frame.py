@@ -94,7 +94,9 @@ def encode_frame(
     else:
         block = 0
         if not tensor.is_floating_point() or tensor.element_size() <= 2:
-            raise WireError(f"{compression.name.lower()} compression needs a float32 or float64 tensor, not {tensor.dtype}")
+            raise WireError(
+                f"{compression.name.lower()} compression needs a float32 or float64 tensor, not {tensor.dtype}"
+            )
         payload = tensor_bytes(tensor.to(CAST_DTYPE[compression]))
     header = _C.FrameHeader(
         dtype=dtype_code,
@@ -148,8 +150,6 @@ def decode_frame(data: object, *, max_payload: int = MAX_FRAME_PAYLOAD, verify: 
     view = memoryview(data).cast("B")
     header = decode_header(view, max_payload=max_payload)
     if view.nbytes != HEADER_SIZE + header.payload_len:
-        raise WireError(
-            f"frame is {view.nbytes} bytes but its header declares {HEADER_SIZE} + {header.payload_len}"
-        )
+        raise WireError(f"frame is {view.nbytes} bytes but its header declares {HEADER_SIZE} + {header.payload_len}")
     tensor = decode_payload(header, view[HEADER_SIZE:], verify=verify)
     return Frame(tensor, Route(header.job, header.step, header.micro_batch, header.stage))

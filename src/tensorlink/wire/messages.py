@@ -151,4 +151,8 @@ def _version_hint(data: bytes | bytearray | memoryview) -> str:
         version = _version_decoder.decode(data).v
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return ""
-    return f" (the sender speaks protocol version {version}, this node {PROTOCOL_VERSION})" if version != PROTOCOL_VERSION else ""
+    return (
+        f" (the sender speaks protocol version {version}, this node {PROTOCOL_VERSION})"
+        if version != PROTOCOL_VERSION
+        else ""
+    )
