@@ -656,7 +656,7 @@ def test_forged_headers_with_a_correct_crc(
         if field == "slot":
             slots[value[0]] = value[1]
         elif field == "payload_len+-1":
-            f["payload_len"] = max(0, f["payload_len"] + value)
+            f["payload_len"] = min(2**64 - 1, max(0, f["payload_len"] + value))
         else:
             f[field] = value
     ndim, payload_len = f["ndim"], f["payload_len"]

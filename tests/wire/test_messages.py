@@ -19,7 +19,9 @@ from tensorlink.wire.messages import (
     ErrorReply,
     Heartbeat,
     Hello,
+    JobRecord,
     Message,
+    ValidatorPresence,
     WorkerCapability,
     decode_message,
     encode_message,
@@ -32,6 +34,8 @@ TOKEN = bytes(range(100, 132))
 
 EXAMPLES: list[Message] = [
     Hello(role="worker", software="tensorlink/0.1.0 torch/2.13.0+cu128"),
+    ValidatorPresence(peer_id=PEER, software="tensorlink/0.1.0", addrs=["/ip4/203.0.113.7/tcp/4001"]),
+    JobRecord(job=bytes(range(16)), owner=PEER, validator=PEER, stages=[PEER, PEER], state="running"),
     Heartbeat(peer_id=PEER, role="validator", seq=41, time_ms=1_732_140_000_123, load=0.37, stages=3),
     WorkerCapability(
         peer_id=PEER,

@@ -73,6 +73,26 @@ class WorkerCapability(Message, tag="worker_capability"):
             raise ValueError("free_memory_bytes exceeds memory_bytes")
 
 
+class ValidatorPresence(Message, tag="validator_presence"):
+    """A validator announcing itself in the DHT: users and workers find validators through these."""
+
+    peer_id: PeerId
+    software: ShortText
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=16)] = []
+    max_bytes: ClassVar[int] = 8192
+
+
+class JobRecord(Message, tag="job_record"):
+    """A job as recorded by the validator that admitted it: who owns it and which workers run which stage."""
+
+    job: JobId
+    owner: PeerId
+    validator: PeerId
+    stages: Annotated[list[PeerId], msgspec.Meta(max_length=200)]
+    state: Literal["admitted", "running", "done", "failed"]
+    max_bytes: ClassVar[int] = 16384
+
+
 class ChannelOffer(Message, tag="channel_offer"):
     """Opens a data-plane channel for a job: the offerer's ephemeral key, a one-time token, its addresses."""
 
@@ -100,7 +120,16 @@ class ErrorReply(Message, tag="error"):
     max_bytes: ClassVar[int] = 2048
 
 
-MESSAGE_TYPES: tuple[type[Message], ...] = (Hello, Heartbeat, WorkerCapability, ChannelOffer, ChannelAccept, ErrorReply)
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Hello,
+    Heartbeat,
+    WorkerCapability,
+    ValidatorPresence,
+    JobRecord,
+    ChannelOffer,
+    ChannelAccept,
+    ErrorReply,
+)
 MAX_MESSAGE_BYTES = max(t.max_bytes for t in MESSAGE_TYPES)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,104 @@
+"""make_host(): the one place a libp2p host is built, with the settings that are not optional.
+
+Measured in ../shared/research/libp2p-measurements.md: the stock host also accepts plaintext and SECIO
+peers, adds 250 ms to every connect with its default of 3 connections per peer, and advertises
+/ip4/0.0.0.0 when it listens on a wildcard. Here: Noise only, Yamux only, one connection per peer,
+concrete announce addresses, and an optional pre-shared network key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_noise_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as Noise
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.utils.address_validation import expand_wildcard_address
+
+log = logging.getLogger(__name__)
+
+# Sized for a TensorLink swarm, not for the public IPFS network the defaults assume.
+CONNECTIONS = ConnectionConfig(
+    max_connections_per_peer=1,
+    max_connections=256,
+    min_connections=8,
+    low_watermark=16,
+    high_watermark=192,
+    dial_timeout=5.0,
+)
+
+
+class AddressError(ValueError):
+    """A listen, announce or bootstrap address that cannot be used; the message says how to fix it."""
+
+
+def parse_multiaddr(text: str, *, what: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:
+        raise AddressError(f"{what} {text!r} is not a multiaddr ({exc}); example: /ip4/127.0.0.1/tcp/4001") from None
+
+
+def _is_wildcard(addr: multiaddr.Multiaddr) -> bool:
+    for proto in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(addr.value_for_protocol(proto)).is_unspecified
+        except Exception:
+            continue
+    return False
+
+
+def concrete_addrs(candidates: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """What to advertise when no --announce is given: listen addresses with wildcards expanded to the
+    machine's interfaces, and only the transport's own addresses (observed ones are unconfirmed)."""
+    out: list[multiaddr.Multiaddr] = []
+    seen: set[str] = set()
+    for addr in candidates:
+        for concrete in expand_wildcard_address(addr) if _is_wildcard(addr) else [addr]:
+            if not _is_wildcard(concrete) and str(concrete) not in seen:
+                seen.add(str(concrete))
+                out.append(concrete)
+    return out
+
+
+def make_host(
+    key_pair: KeyPair,
+    *,
+    announce: Sequence[str] = (),
+    bootstrap: Sequence[str] = (),
+    psk_hex: str | None = None,
+) -> IHost:
+    """A libp2p host with TensorLink's mandatory settings. Listen addresses go to ``host.run()``."""
+    announce_addrs = [parse_multiaddr(a, what="announce address") for a in announce]
+    for addr in announce_addrs:
+        if _is_wildcard(addr):
+            raise AddressError(f"announce address {addr} is a wildcard; give the address peers should dial")
+    for addr in bootstrap:
+        parsed = parse_multiaddr(addr, what="bootstrap address")
+        if "p2p" not in [p.name for p in parsed.protocols()]:
+            raise AddressError(f"bootstrap address {addr} has no /p2p/<peer id>; copy it from the node's start log")
+    if psk_hex is not None and (len(psk_hex) != 64 or not all(c in "0123456789abcdefABCDEF" for c in psk_hex)):
+        raise AddressError("network key must be 64 hex characters (32 bytes); generate one with `openssl rand -hex 32`")
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_ID): Noise(key_pair, noise_privkey=new_noise_key_pair().private_key)},
+        muxer_opt={TProtocol(YAMUX_ID): Yamux},
+        connection_config=CONNECTIONS,
+        announce_addrs=announce_addrs or None,
+        addrs_factory=None if announce_addrs else concrete_addrs,
+        bootstrap=list(bootstrap) or None,
+        psk=psk_hex,
+        enable_mDNS=False,
+        enable_upnp=False,
+        enable_quic=False,
+    )
