@@ -13,12 +13,14 @@ import logging
 from collections.abc import Sequence
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_noise_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -102,3 +104,22 @@ def make_host(
         enable_upnp=False,
         enable_quic=False,
     )
+
+
+async def connect_peers(host: IHost, addrs: Sequence[str], *, timeout_s: float = 5.0) -> list[str]:
+    """Connect to each full multiaddr (with /p2p/<id>); returns the peer ids reached. A peer that is not
+    up yet is logged and skipped, so a caller can retry later."""
+    reached: list[str] = []
+    for text in addrs:
+        info = info_from_p2p_addr(parse_multiaddr(text, what="bootstrap address"))
+        if info.peer_id == host.get_id():
+            continue
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                await host.connect(info)
+                reached.append(info.peer_id.to_base58())
+            except Exception as exc:
+                log.info("could not reach %s yet: %s", text, exc)
+        if scope.cancelled_caught:
+            log.info("could not reach %s within %.0f s", text, timeout_s)
+    return reached

@@ -1,0 +1,57 @@
+"""Node configuration: a TOML file in the data dir, overridden by command-line flags.
+
+Every field is validated on load (msgspec), so a typo in config.toml is an error that names the field,
+not a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import tomllib
+
+CONFIG_FILE = "config.toml"
+DEFAULT_PORT = 4001
+DEFAULT_STATUS_PORT = 7070
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and says how to fix it."""
+
+
+class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Literal["worker", "validator"] = "worker"
+    listen: list[str] = msgspec.field(default_factory=lambda: [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"])
+    announce: list[str] = msgspec.field(default_factory=list)
+    bootstrap: list[str] = msgspec.field(default_factory=list)
+    network_key: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}\Z")] | None = None
+    relay: bool = False
+    status_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_STATUS_PORT
+    max_memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    device: Literal["cpu", "cuda"] | None = None  # None: cuda when a GPU is present, else cpu
+    # How long a published record lives without a refresh; the node refreshes at a third of it.
+    record_ttl_s: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 60.0
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.2, le=300)] = 5.0
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TENSORLINK_HOME", Path.home() / ".tensorlink"))
+
+
+def load_config(data_dir: Path, overrides: dict[str, object]) -> NodeConfig:
+    """The file's settings (if the file exists) with the non-None overrides on top."""
+    path = data_dir / CONFIG_FILE
+    settings: dict[str, object] = {}
+    if path.exists():
+        try:
+            settings = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return msgspec.convert(settings, NodeConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting ({path if path.exists() else 'command line'}): {exc}") from None

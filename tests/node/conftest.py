@@ -1,0 +1,25 @@
+"""Fixtures for tests that run real node processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nodes import NodeProcess
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes with `start_node("name", *flags)`; every node still running is killed at the end."""
+    started: list[NodeProcess] = []
+
+    def start(name: str, *args: str, data_dir: Path | None = None, wait: bool = True) -> NodeProcess:
+        """wait=False returns at once (call .wait_ready() later), so several nodes can boot in parallel."""
+        node = NodeProcess(data_dir or tmp_path / name, *args)
+        started.append(node)
+        return node.wait_ready() if wait else node
+
+    yield start
+    for node in started:
+        node.kill()
