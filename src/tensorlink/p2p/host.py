@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import multiaddr
 import trio
@@ -123,3 +124,44 @@ async def connect_peers(host: IHost, addrs: Sequence[str], *, timeout_s: float =
         if scope.cancelled_caught:
             log.info("could not reach %s within %.0f s", text, timeout_s)
     return reached
+
+
+def serve_protocol(host: IHost, protocol: str, handler: Callable[[Any], Awaitable[None]], *, limit: int = 16) -> None:
+    """Register a stream handler that can never take the node down.
+
+    In py-libp2p 0.8.1 an exception escaping a stream handler propagates into the Swarm and stops it,
+    so one malformed stream from one peer would kill the node. Here every exception is logged and the
+    stream reset; at most ``limit`` streams of the protocol are handled at once (the rest are reset),
+    so a flood cannot exhaust the node.
+    """
+    slots = trio.Semaphore(limit)
+
+    async def guarded(stream: Any) -> None:
+        if slots.value == 0:
+            log.debug("%s: too many concurrent streams, resetting one from %s", protocol, _remote(stream))
+            await _reset(stream)
+            return
+        async with slots:
+            try:
+                await handler(stream)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                log.info("%s: dropped a stream from %s: %s", protocol, _remote(stream), exc)
+                await _reset(stream)
+
+    host.set_stream_handler(TProtocol(protocol), guarded)
+
+
+def _remote(stream: Any) -> str:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except Exception:
+        return "an unknown peer"
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
