@@ -13,7 +13,7 @@ BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12"
 
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test bench install clean help
+.PHONY: demo test bench install system-deps clean help
 
 help:
 	@echo "make demo   set everything up and show what TensorLink does today"
@@ -36,7 +36,15 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-torch $(NATIVE_SOURCES)
 	$(PY) -c "import tensorlink, tensorlink._C as C; print('tensorlink._C built; CUDA compiled in:', C.cuda_compiled())"
 	touch $@
 
-install: $(VENV)/.stamp-install
+# The NAT traversal tests (tests/netns) build network namespaces with iptables NAT routers; the machines
+# that run them (CI included) run tests as root. Elsewhere this only warns and the NAT tests say why
+# they cannot run.
+system-deps:
+	@command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y iptables iproute2) || \
+		echo "warning: could not install iptables/iproute2 (needs root and apt); the tests/netns NAT tests will fail"
+
+install: system-deps $(VENV)/.stamp-install
 
 demo: install
 	@echo

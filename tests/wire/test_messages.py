@@ -16,6 +16,9 @@ from tensorlink.wire.messages import (
     PROTOCOL_VERSION,
     ChannelAccept,
     ChannelOffer,
+    DialBackProbe,
+    DialBackRequest,
+    DialBackResponse,
     ErrorReply,
     Heartbeat,
     Hello,
@@ -50,6 +53,15 @@ EXAMPLES: list[Message] = [
     ChannelOffer(job=JOB, ephemeral_key=KEY, token=TOKEN, addrs=["/ip4/198.51.100.2/tcp/7000"]),
     ChannelAccept(job=JOB, ephemeral_key=bytes(reversed(KEY)), token=TOKEN),
     ErrorReply(code="job_not_found", message="no job 0f1e2d3c4b5a69788796a5b4c3d2e1f0 on this worker"),
+    DialBackRequest(nonce=JOB, addrs=["/ip4/192.168.1.20/tcp/4001", "/ip4/198.51.100.2/tcp/4001"]),
+    DialBackProbe(nonce=JOB),
+    DialBackResponse(
+        nonce=JOB,
+        status="ok",
+        addr="/ip4/198.51.100.2/tcp/4001",
+        observed="/ip4/198.51.100.2/tcp/51234",
+        dialed=["/ip4/198.51.100.2/tcp/4001"],
+    ),
 ]
 
 HEARTBEAT = {"kind": "heartbeat", "peer_id": PEER, "role": "worker", "seq": 1, "time_ms": 5, "load": 0.5}

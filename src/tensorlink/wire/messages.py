@@ -120,6 +120,40 @@ class ErrorReply(Message, tag="error"):
     max_bytes: ClassVar[int] = 2048
 
 
+Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+
+
+class DialBackRequest(Message, tag="dial_back_request"):
+    """Asks a peer to dial the requester back over a fresh connection (tensorlink.p2p.reachability).
+
+    ``addrs`` are the requester's own announced addresses; the server dials only the IP the request
+    arrived from, so nothing here can point it at a third party."""
+
+    nonce: Nonce
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=8)]
+    max_bytes: ClassVar[int] = 4608
+
+
+class DialBackProbe(Message, tag="dial_back_probe"):
+    """Sent by the server's prober over the fresh connection; the requester echoes it back unchanged."""
+
+    nonce: Nonce
+    max_bytes: ClassVar[int] = 128
+
+
+class DialBackResponse(Message, tag="dial_back_response"):
+    """The outcome of a dial-back: ``ok`` (``addr`` answered with the right peer id and nonce),
+    ``failed`` (every dialled address failed) or ``refused`` (nothing the server may dial)."""
+
+    nonce: Nonce
+    status: Literal["ok", "failed", "refused"]
+    addr: Multiaddr | None = None
+    observed: Multiaddr | None = None
+    dialed: Annotated[list[Multiaddr], msgspec.Meta(max_length=8)] = []
+    reason: ShortText = ""
+    max_bytes: ClassVar[int] = 8192
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Hello,
     Heartbeat,
@@ -129,6 +163,9 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ChannelOffer,
     ChannelAccept,
     ErrorReply,
+    DialBackRequest,
+    DialBackProbe,
+    DialBackResponse,
 )
 MAX_MESSAGE_BYTES = max(t.max_bytes for t in MESSAGE_TYPES)
 
