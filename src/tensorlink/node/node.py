@@ -1,25 +1,45 @@
-"""The Node: composition root of a running peer. It owns the host and starts every service on it."""
+"""The Node: composition root of a running peer. It owns the host and starts every service on it.
+
+Start-up order: identity, host, DHT directory and gossip, status endpoint, bootstrap, reachability,
+banner; then the loops that keep the node's records fresh, send heartbeats and (on every node, fastest
+on validators) keep the list of known workers and validators current.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 import tensorlink
 from tensorlink.node.config import NodeConfig
 from tensorlink.node.status import StatusServer
-from tensorlink.p2p.host import connect_peers, make_host, parse_multiaddr
+from tensorlink.p2p.dht import Directory
+from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
+from tensorlink.p2p.host import check_bootstrap, make_host, parse_multiaddr
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.reachability import DialBack, Reachability, open_dial_back
+from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, VerifiedRecord
+from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
+from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
 
 log = logging.getLogger(__name__)
 SOFTWARE = f"tensorlink/{tensorlink.__version__}"
 BOOTSTRAP_RETRY_S = 2.0
+BOOTSTRAP_WAIT_S = 5.0  # how long the banner waits for the first bootstrap peer
+DIRECTORY_REFRESH_S = {"validator": 1.0, "worker": 5.0}  # validators match jobs, so they look often
+REACHABILITY_RECHECK_S = 600.0
+PUBLISHER_LISTING_S = 30.0  # full listings are expensive (a walk per shard); heartbeats find peers sooner
+MISSING_RECORD_RETRY_S = 2.0
+MAX_FETCHES_PER_REFRESH = 32
+DIAL_BACK_SERVERS = 5
 
 
 class Node:
@@ -29,42 +49,84 @@ class Node:
         self.key_pair = load_or_create_identity(data_dir)
         self.peer_id = peer_id_of(self.key_pair)
         self.listen = [parse_multiaddr(a, what="listen address") for a in config.listen]
-        self.host = make_host(
-            self.key_pair, announce=config.announce, bootstrap=config.bootstrap, psk_hex=config.network_key
-        )
+        check_bootstrap(config.bootstrap)
+        self.host = make_host(self.key_pair, announce=config.announce, psk_hex=config.network_key)
+        self.directory = Directory(self.host, self.key_pair, server=True)
+        self.gossip = Gossip(self.host)
         self.capability: Any = None  # selfbench.Capability on workers
-        self.reachability = "unknown"
+        self.reachability = Reachability.UNKNOWN
+        self.dial_back: DialBack | None = None
+        self.nat: NatTraversal | None = None
         self.started = time.time()
+        self.workers: dict[str, VerifiedRecord] = {}
+        self.validators: dict[str, VerifiedRecord] = {}
+        self.last_heartbeat: dict[str, float] = {}
+        self.candidates: dict[str, set[str]] = {WORKERS.name: set(), VALIDATORS.name: set()}
+        self._last_try: dict[tuple[str, str], float] = {}
+        self.candidates[(WORKERS if config.role == "worker" else VALIDATORS).name].add(self.peer_id)
         self.status_server = StatusServer(self.status, self.metrics)
         self.registry = CollectorRegistry()
-        self._peers_gauge = Gauge("tensorlink_peers", "connected peers", registry=self.registry)
-        self._uptime_gauge = Gauge("tensorlink_uptime_seconds", "seconds since start", registry=self.registry)
+        self._gauges = {
+            name: Gauge(f"tensorlink_{name}", help_text, registry=self.registry)
+            for name, help_text in {
+                "peers": "connected peers",
+                "workers": "workers known from the DHT with a live record",
+                "validators": "validators known from the DHT with a live record",
+                "routing_table_peers": "peers in the DHT routing table",
+                "uptime_seconds": "seconds since the node started",
+            }.items()
+        }
+        self._gossip_accepted = Gauge(
+            "tensorlink_gossip_accepted", "gossip messages accepted", ["topic"], registry=self.registry
+        )
+        self._gossip_dropped = Gauge(
+            "tensorlink_gossip_dropped", "gossip messages dropped", ["topic", "reason"], registry=self.registry
+        )
 
     # -- what the status endpoint shows ------------------------------------------------------------
 
     def addrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        """What peers should dial: our own addresses, or our relay circuits while we are behind NAT."""
+        own = [str(a) for a in self.host.get_addrs()]
+        if self.reachability is Reachability.PRIVATE and self.nat is not None:
+            return self.nat.circuit_addrs() + own
+        return own
 
     def status(self) -> dict[str, Any]:
+        now = time.time()
         return {
             "peer_id": self.peer_id,
             "role": self.config.role,
             "software": SOFTWARE,
             "addrs": self.addrs(),
-            "reachability": self.reachability,
+            "reachability": self.reachability.value,
             "relay": self.config.relay,
+            "relay_reservations": [] if self.nat is None else [r.relay for r in self.nat.reservations],
+            "dht_mode": "server" if self.directory.server else "client",
             "peers": sorted(p.to_base58() for p in self.host.get_connected_peers()),
-            "workers": [],
-            "validators": [],
-            "stages": [],
+            "connections": {
+                p.to_base58(): connection_kind(self.host, p) or "closed" for p in self.host.get_connected_peers()
+            },
+            "workers": _live_views(self.workers, now),
+            "validators": _live_views(self.validators, now),
+            "heartbeats": {peer: round(now - seen, 1) for peer, seen in self.last_heartbeat.items()},
+            "stages": [],  # filled by the worker runtime once stages are hosted
             "jobs": [],
             "capability": None if self.capability is None else self.capability.__dict__,
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(now - self.started, 1),
         }
 
     def metrics(self) -> bytes:
-        self._peers_gauge.set(len(self.host.get_connected_peers()))
-        self._uptime_gauge.set(time.time() - self.started)
+        self._gauges["peers"].set(len(self.host.get_connected_peers()))
+        now = time.time()
+        self._gauges["workers"].set(len(_live_views(self.workers, now)))
+        self._gauges["validators"].set(len(_live_views(self.validators, now)))
+        self._gauges["routing_table_peers"].set(self.directory.routing_table_size())
+        self._gauges["uptime_seconds"].set(time.time() - self.started)
+        for topic, count in self.gossip.stats.accepted.items():
+            self._gossip_accepted.labels(topic).set(count)
+        for (topic, reason), count in self.gossip.stats.dropped.items():
+            self._gossip_dropped.labels(topic, reason).set(count)
         return generate_latest(self.registry)
 
     # -- running -----------------------------------------------------------------------------------
@@ -85,19 +147,176 @@ class Node:
             from tensorlink.node.selfbench import measure  # torch: workers only, validators start faster
 
             self.capability = measure(self.config.device, self.config.max_memory_gb)
-        async with trio.open_nursery() as nursery, self.host.run(self.listen):
+        async with (
+            self.host.run(self.listen),
+            self.directory.running(),
+            self.gossip.running(),
+            open_dial_back(self.host, psk_hex=self.config.network_key) as self.dial_back,
+            open_nat_traversal(self.host, relay=self.config.relay) as self.nat,
+            trio.open_nursery() as nursery,
+        ):
             port = await nursery.start(self.status_server.serve, self.config.status_port)
+            joined = trio.Event()
+            nursery.start_soon(self._join, joined)
+            with trio.move_on_after(BOOTSTRAP_WAIT_S if self.config.bootstrap else 0):
+                await joined.wait()
+            if joined.is_set():
+                await self._check_reachability()
             self._print_banner(port)
-            nursery.start_soon(self._join)
-            await trio.sleep_forever()
+            nursery.start_soon(self._reachability_forever)
+            nursery.start_soon(self._publish_forever)
+            nursery.start_soon(self._heartbeat_forever)
+            nursery.start_soon(self._listen_heartbeats)
+            nursery.start_soon(self._refresh_directory_forever)
 
-    async def _join(self) -> None:
+    async def _join(self, joined: trio.Event) -> None:
         """Keep trying the bootstrap peers until one answers: they may start after us."""
         if not self.config.bootstrap:
+            joined.set()
             return
-        while not await connect_peers(self.host, self.config.bootstrap):
+        while not await self.directory.connect_bootstrap(self.config.bootstrap):
             await trio.sleep(BOOTSTRAP_RETRY_S)
-        log.info("joined the network through %d bootstrap peer(s)", len(self.host.get_connected_peers()))
+        joined.set()
+        log.info("joined the network: %d peer(s) connected", len(self.host.get_connected_peers()))
+
+    async def _check_reachability(self) -> None:
+        """Ask connected peers to dial us back on a fresh connection. Public nodes serve the DHT; private
+        ones become DHT clients and take a slot on a relay so that others can still reach them."""
+        assert self.dial_back is not None
+        servers = [p.to_base58() for p in self.host.get_connected_peers()][:DIAL_BACK_SERVERS]
+        if not servers:
+            return
+        report = await self.dial_back.check(servers)
+        if report.status is Reachability.UNKNOWN:
+            return  # nobody answered: keep what we had
+        self.reachability = report.status
+        await self.directory.set_server_mode(report.status is Reachability.PUBLIC)
+        if report.status is Reachability.PRIVATE:
+            await self._reserve_relay()
+
+    async def _reserve_relay(self) -> None:
+        assert self.nat is not None
+        if self.nat.reservations:
+            return
+        for relay in self.nat.known_relays():
+            for addr in connection_addrs(self.host, relay):
+                try:
+                    reservation = await self.nat.reserve(f"{addr}/p2p/{relay}")
+                    log.info("behind NAT: reachable through relay %s at %s", relay, reservation.circuit_addrs[0])
+                    return
+                except RelayError as exc:
+                    log.info("relay %s refused a reservation: %s", relay, exc)
+        log.warning(
+            "behind NAT and no relay reachable: other peers cannot dial this node. Bootstrap from a node "
+            "started with --relay on a public address, or forward a port and pass --announce"
+        )
+
+    async def _reachability_forever(self) -> None:
+        while True:
+            await trio.sleep(REACHABILITY_RECHECK_S if self.reachability is not Reachability.UNKNOWN else 10.0)
+            await self._check_reachability()
+
+    async def _publish_forever(self) -> None:
+        """Keep this node's own record alive: refreshed at a third of its lifetime, so one lost refresh
+        does not make the node vanish, and a stopped node vanishes within one lifetime."""
+        ttl = self.config.record_ttl_s
+        while True:
+            try:
+                if self.config.role == "worker":
+                    await self.directory.publish(WORKERS, self._capability_message(), ttl)
+                else:
+                    presence = ValidatorPresence(peer_id=self.peer_id, software=SOFTWARE, addrs=self.addrs())
+                    await self.directory.publish(VALIDATORS, presence, ttl)
+            except RecordError as exc:
+                log.warning("could not publish this node's record: %s", exc)
+            await trio.sleep(ttl / 3)
+
+    def _capability_message(self) -> WorkerCapability:
+        from tensorlink.node.selfbench import current_free_memory
+
+        c = self.capability
+        return WorkerCapability(
+            peer_id=self.peer_id,
+            device=c.device,
+            device_name=c.device_name,
+            memory_bytes=c.memory_bytes,
+            free_memory_bytes=min(c.memory_bytes, current_free_memory(c.device, c.memory_bytes)),
+            gflops=c.gflops,
+            software=SOFTWARE,
+            addrs=self.addrs()[:16],
+        )
+
+    async def _heartbeat_forever(self) -> None:
+        seq = 0
+        while True:
+            load = min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+            beat = Heartbeat(
+                peer_id=self.peer_id, role=self.config.role, seq=seq, time_ms=int(time.time() * 1000), load=load
+            )
+            try:
+                await self.gossip.publish(HEARTBEATS, beat)
+            except GossipError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+            seq += 1
+            await trio.sleep(self.config.heartbeat_s)
+
+    async def _listen_heartbeats(self) -> None:
+        with self.gossip.subscribe(HEARTBEATS) as beats:
+            async for sender, beat in beats:
+                self.last_heartbeat[sender] = time.time()
+                namespace = WORKERS if beat.role == "worker" else VALIDATORS
+                if beat.role != "user" and sender != self.peer_id:
+                    self.candidates[namespace.name].add(sender)
+
+    async def _refresh_directory_forever(self) -> None:
+        """Keep the live records of workers and validators.
+
+        Candidates come from heartbeats (a new peer is seen within a heartbeat) and, every
+        PUBLISHER_LISTING_S, from the DHT's publisher lists (peers that do not gossip to us). A record is
+        fetched when it is missing or past half its lifetime, so a peer costs a fetch per half lifetime,
+        not one per refresh; what is known stays until its own signed expiry, so a node vanishes only when
+        it stops refreshing its record, never because one lookup missed it.
+        """
+        period = DIRECTORY_REFRESH_S[self.config.role]
+        next_listing = 0.0
+        while True:
+            if time.monotonic() >= next_listing:
+                next_listing = time.monotonic() + PUBLISHER_LISTING_S
+                for namespace in (WORKERS, VALIDATORS):
+                    self.candidates[namespace.name].update(await self.directory.publishers(namespace))
+            async with trio.open_nursery() as nursery:
+                for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
+                    for peer in self._due(namespace, known):
+                        nursery.start_soon(self._fetch_one, namespace, known, peer)
+            now_ms = time.time() * 1000
+            for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
+                for peer in [p for p, r in known.items() if r.expires_ms <= now_ms]:
+                    log.info("%s gone (record expired): %s", namespace.name, peer)
+                    del known[peer]
+            await trio.sleep(period)
+
+    def _due(self, namespace: Namespace, known: dict[str, VerifiedRecord]) -> list[str]:
+        now = time.time()
+        due = []
+        for peer in self.candidates[namespace.name]:
+            record = known.get(peer)
+            if record is None:
+                if now - self._last_try.get((namespace.name, peer), 0.0) >= MISSING_RECORD_RETRY_S:
+                    due.append(peer)
+            elif record.expires_ms / 1000 - now < (record.expires_ms - record.seq) / 2000:
+                due.append(peer)  # past half its lifetime: the publisher has refreshed it by now
+        return due[:MAX_FETCHES_PER_REFRESH]
+
+    async def _fetch_one(self, namespace: Namespace, known: dict[str, VerifiedRecord], peer: str) -> None:
+        self._last_try[(namespace.name, peer)] = time.time()
+        record = await self.directory.fetch(namespace, peer)
+        if record is None:
+            return
+        old = known.get(peer)
+        if old is None:
+            log.info("%s appeared: %s", namespace.name, peer)
+        if old is None or record.seq > old.seq:
+            known[peer] = record
 
     async def _stop_on_signal(self, signals: Any, services: trio.CancelScope) -> None:
         async for signum in signals:
@@ -107,13 +326,20 @@ class Node:
             log.info("received %s, stopping", signal.Signals(signum).name)
             services.cancel()
 
+    def _reachability_line(self) -> str:
+        report = None if self.dial_back is None else self.dial_back.last_report
+        if report is None:
+            return "unknown (no peer to ask yet; checked again once peers connect)"
+        confirmed = sum(1 for r in report.results if r.outcome == "confirmed")
+        return f"{self.reachability.value} (dial-back by {len(report.results)} peer(s), {confirmed} reached us)"
+
     def _print_banner(self, status_port: int) -> None:
         lines = [
             "TensorLink node running",
             f"  peer id:      {self.peer_id}",
             f"  role:         {self.config.role}",
             *(f"  listening:    {a}" for a in self.addrs()),
-            f"  reachability: {self.reachability}",
+            f"  reachability: {self._reachability_line()}",
         ]
         if self.capability:
             c = self.capability
@@ -121,12 +347,23 @@ class Node:
                 f"  offers:       {c.device} ({c.device_name}), {c.free_memory_bytes / 1e9:.1f} GB free, "
                 f"{c.gflops:.0f} GFLOP/s"
             )
-        if not self.config.bootstrap:
+        if self.config.bootstrap:
+            lines.append(f"  peers:        {len(self.host.get_connected_peers())} connected")
+        else:
             addr = next(iter(self.addrs()), None)
             lines.append("  no bootstrap peers: running alone. Others join this node with")
             lines.append(f"      python -m tensorlink.node --bootstrap {addr}")
         lines.append(f"  status:       http://127.0.0.1:{status_port}/status")  # last: tests wait for it
         print("\n".join(lines), flush=True)
+
+
+def _live_views(records: dict[str, VerifiedRecord], now: float) -> list[dict[str, Any]]:
+    """Records as the status endpoint shows them; one that expired since the last refresh is left out."""
+    return [
+        {**msgspec.structs.asdict(r.message), "expires_in_s": round(r.expires_ms / 1000 - now, 1)}
+        for r in records.values()
+        if r.expires_ms / 1000 > now
+    ]
 
 
 def run_node(config: NodeConfig, data_dir: Path) -> int:

@@ -48,6 +48,11 @@ def _memory(device: str) -> tuple[int, int]:
     return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def current_free_memory(device: str, cap: int) -> int:
+    """Free memory now, never more than the node offers (its --max-memory cap)."""
+    return min(cap, _memory(device)[1])
+
+
 def measure_matmul_gflops(device: str, seconds: float = BENCH_SECONDS) -> float:
     """float32 matmul throughput on the stage device: the number validators rank workers by."""
     n = 512
