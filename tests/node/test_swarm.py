@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +68,19 @@ def test_validator_sees_workers_then_loses_a_dead_one_and_a_late_joiner_finds_al
     for node in (validator, *workers, late):
         assert node.stop() < 2.0
         assert "Traceback" not in node.output, node.output
+
+
+@pytest.mark.timeout(120)
+def test_restarted_worker_keeps_its_peer_id_and_rejoins(start_node: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    validator = start_node("validator", "--role", "validator", config=CONFIG)
+    worker = start_node("worker", "--bootstrap", validator.addr, config=CONFIG)
+    validator.wait_for(lambda s: worker.peer_id in worker_ids(s), 15.0, "the worker listed")
+    assert worker.stop() < 2.0
+    again = start_node("worker-again", "--bootstrap", validator.addr, data_dir=tmp_path / "worker")
+    assert again.peer_id == worker.peer_id and again.addr != worker.addr  # same identity, new port
+    status = validator.wait_for(
+        lambda s: any(w["peer_id"] == again.peer_id and again.addr in w["addrs"] for w in s["workers"]),
+        15.0,
+        "the restarted worker listed with its new address",
+    )
+    assert again.peer_id in status["peers"]
