@@ -124,7 +124,7 @@ def serve_protocol(host: IHost, protocol: str, handler: Callable[[Any], Awaitabl
     async def guarded(stream: Any) -> None:
         if slots.value == 0:
             log.debug("%s: too many concurrent streams, resetting one from %s", protocol, _remote(stream))
-            await _reset(stream)
+            await reset_stream(stream)
             return
         async with slots:
             try:
@@ -133,7 +133,7 @@ def serve_protocol(host: IHost, protocol: str, handler: Callable[[Any], Awaitabl
                 raise
             except Exception as exc:
                 log.info("%s: dropped a stream from %s: %s", protocol, _remote(stream), exc)
-                await _reset(stream)
+                await reset_stream(stream)
 
     host.set_stream_handler(TProtocol(protocol), guarded)
 
@@ -145,8 +145,10 @@ def _remote(stream: Any) -> str:
         return "an unknown peer"
 
 
-async def _reset(stream: Any) -> None:
-    try:
-        await stream.reset()
-    except Exception:
-        pass
+async def reset_stream(stream: Any) -> None:
+    """Reset a stream we are done with because of the peer; never raises, never waits more than 1 s."""
+    with trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception:
+            pass

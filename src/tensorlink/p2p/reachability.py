@@ -50,7 +50,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.rcmgr.metrics import Direction
 
-from tensorlink.p2p.host import make_host, serve_protocol
+from tensorlink.p2p.host import make_host, reset_stream, serve_protocol
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import (
     DialBackProbe,
@@ -289,14 +289,6 @@ async def _close(stream: INetStream) -> None:
             pass
 
 
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
-
-
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -428,14 +420,14 @@ class DialBack:
                 ):
                     # Unknown nonce; or not a fresh direct connection dialled to us: the one our request
                     # went out on (the server's own id), one through a relay, or one we dialled.
-                    await _reset(stream)
+                    await reset_stream(stream)
                     return
                 pending.probed_from = remote.to_base58()
                 pending.probed.set()
                 await _write(stream, probe)
         except Exception as exc:  # timeouts, bad frames, resets: drop it
             log.debug("dial-back probe dropped: %s", exc)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         await _close(stream)
 
@@ -452,7 +444,7 @@ class DialBack:
                 await _write(stream, reply)
         except Exception as exc:  # timeouts, bad frames, resets: drop it
             log.debug("dial-back request from %s dropped: %s", requester, exc)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         await _close(stream)
 
