@@ -1,0 +1,13 @@
+"""Stage IR: run a stage of any PyTorch model on a worker without ever running the user's code.
+
+``capture`` (user side) exports a module with torch.export into a JSON graph of allow-listed aten
+operators plus safetensors weights; ``load`` (worker side) validates every part of it and returns a
+module that interprets it. See ../shared/research/pipeline-and-stage-ir.md for why not torch.export.load.
+"""
+
+from tensorlink.ir.capture import capture
+from tensorlink.ir.errors import CaptureError, IRError
+from tensorlink.ir.loader import StageModule, load
+from tensorlink.ir.program import StageProgram
+
+__all__ = ["CaptureError", "IRError", "StageModule", "StageProgram", "capture", "load"]

@@ -1,0 +1,380 @@
+"""load(): on the worker, validate a stage program and build a module that runs it.
+
+Nothing in the program is executed as code. Every target is looked up in the allow-list, every node
+reference must point to an earlier node, dtypes and enums come from fixed tables, the device is the
+worker's, the weights are safetensors, and a dry run on the meta device at the declared maximum input
+shapes bounds the memory of one forward pass before any real tensor is allocated. The graph then runs
+in a small interpreter over these validated nodes (a loop over pre-resolved operator calls), with
+parameters as ``nn.Parameter`` so autograd and any optimizer work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from tensorlink.ir import schema as s
+from tensorlink.ir.errors import IRError
+from tensorlink.ir.ops import ATEN_OPS, MODE_DEPENDENT, OPS_VERSION, PY_OPS, SET_GRAD_REGION, resolve
+from tensorlink.ir.program import StageProgram
+
+DEFAULT_MAX_MEMORY = 8 << 30
+_DTYPES = {
+    n: getattr(torch, n)
+    for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
+_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last,
+}
+
+# A compiled argument: ("c", constant) | ("r", node name) | ("l", [compiled...]) | ("d", None) for a device.
+Compiled = tuple[str, Any]
+
+
+def load(
+    data: bytes, *, device: str | torch.device = "cpu", train: bool = True, max_memory_bytes: int = DEFAULT_MAX_MEMORY
+) -> StageModule:
+    """Validate ``data`` (bytes from StageProgram.to_bytes) and return a module that runs it on ``device``."""
+    program = StageProgram.from_bytes(data)
+    return StageModule(program, device=torch.device(device), train=train, max_memory_bytes=max_memory_bytes)
+
+
+class _Step:
+    __slots__ = ("name", "fn", "args", "kwargs", "mode", "subgraph")
+
+    def __init__(self, name: str, fn: Callable[..., Any] | None, args: list[Compiled], kwargs: dict[str, Compiled]):
+        self.name = name
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.mode: tuple[int, str, Any] | None = None  # (position, keyword, captured value)
+        self.subgraph: _Graph | None = None
+
+
+class _Graph:
+    """A validated graph: placeholders, steps in order, outputs, and when each value can be dropped."""
+
+    def __init__(self, graph: s.Graph, subgraphs: dict[str, _Graph] | None, known_state: set[str], n_inputs: int):
+        self.placeholders = graph.placeholders
+        defined: set[str] = set()
+        for p in graph.placeholders:
+            if p.name in defined:
+                raise IRError(f"placeholder {p.name} is defined twice")
+            if p.kind == "input":
+                if p.index is None or p.index >= n_inputs:
+                    raise IRError(f"placeholder {p.name} refers to user input {p.index}, which does not exist")
+            elif p.target not in known_state:
+                raise IRError(f"placeholder {p.name} refers to state {p.target!r}, which the weights do not hold")
+            defined.add(p.name)
+        self.steps: list[_Step] = []
+        for node in graph.nodes:
+            if node.name in defined:
+                raise IRError(f"node {node.name} is defined twice")
+            step = _Step(
+                node.name,
+                None,
+                [_compile(a, defined, node.name) for a in node.args],
+                {k: _compile(v, defined, node.name) for k, v in node.kwargs.items()},
+            )
+            if node.target == SET_GRAD_REGION:
+                if subgraphs is None or node.subgraph not in subgraphs:
+                    raise IRError(f"node {node.name} runs subgraph {node.subgraph!r}, which is not defined here")
+                if not step.args or step.args[0][0] != "c" or not isinstance(step.args[0][1], bool):
+                    raise IRError(f"node {node.name}: a grad region starts with a literal true or false")
+                step.subgraph = subgraphs[node.subgraph]
+            elif node.target in ATEN_OPS or node.target in PY_OPS:
+                try:
+                    step.fn = resolve(node.target)
+                except (AttributeError, TypeError, ValueError) as exc:
+                    raise IRError(f"node {node.name}: {node.target} does not resolve in this torch ({exc})") from None
+                if node.target in MODE_DEPENDENT:
+                    pos, kw = MODE_DEPENDENT[node.target]
+                    captured = _const_at(step, pos, kw)
+                    step.mode = (pos, kw, captured)
+            else:
+                raise IRError(f"node {node.name}: target {node.target!r} is not in the stage operator allow-list")
+            self.steps.append(step)
+            defined.add(node.name)
+        self.outputs = [_compile(a, defined, "output") for a in graph.outputs]
+        # last use of every value, so that intermediates are freed as soon as they are consumed
+        self.last_use: dict[int, list[str]] = {}
+        seen: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for ref in _refs(step.args) + _refs(list(step.kwargs.values())):
+                seen[ref] = i
+        keep = set(_refs(self.outputs))
+        for name, i in seen.items():
+            if name not in keep:
+                self.last_use.setdefault(i, []).append(name)
+
+
+def _const_at(step: _Step, pos: int, kw: str) -> Any:
+    arg = step.args[pos] if pos < len(step.args) else step.kwargs.get(kw)
+    if arg is None:
+        return None
+    if arg[0] != "c":
+        raise IRError(f"node {step.name}: its mode argument {kw} must be a literal")
+    return arg[1]
+
+
+def _refs(args: list[Compiled]) -> list[str]:
+    out: list[str] = []
+    for kind, value in args:
+        if kind == "r":
+            out.append(value)
+        elif kind == "l":
+            out.extend(_refs(value))
+    return out
+
+
+def _compile(arg: s.Arg, defined: set[str], where: str) -> Compiled:
+    if isinstance(arg, s.Ref):
+        if arg.node not in defined:
+            raise IRError(
+                f"{where} refers to {arg.node}, which is not defined before it (forward or dangling reference)"
+            )
+        return ("r", arg.node)
+    if isinstance(arg, s.Lit):
+        return ("c", arg.value)
+    if isinstance(arg, s.Float):
+        try:
+            return ("c", float(arg.value))
+        except ValueError:
+            raise IRError(f"{where}: {arg.value!r} is not a float") from None
+    if isinstance(arg, s.DType):
+        return ("c", _DTYPES[arg.name])
+    if isinstance(arg, s.Device):
+        return ("d", None)
+    if isinstance(arg, s.Layout):
+        return ("c", torch.strided)
+    if isinstance(arg, s.MemoryFormat):
+        return ("c", _FORMATS[arg.name])
+    items = [_compile(a, defined, where) for a in arg.items]
+    if all(kind == "c" for kind, _ in items):
+        return ("c", [v for _, v in items])
+    return ("l", items)
+
+
+def _ev(arg: Compiled, env: dict[str, Any], device: torch.device) -> Any:
+    kind, value = arg
+    if kind == "c":
+        return value
+    if kind == "r":
+        return env[value]
+    if kind == "d":
+        return device
+    return [_ev(a, env, device) for a in value]
+
+
+class StageModule(torch.nn.Module):
+    """Runs a validated stage program. Parameters and buffers keep their original names."""
+
+    def __init__(self, program: StageProgram, *, device: torch.device, train: bool, max_memory_bytes: int) -> None:
+        super().__init__()
+        p = program.program
+        if p.ops_version > OPS_VERSION:
+            raise IRError(f"program uses operator set {p.ops_version}; this worker knows up to {OPS_VERSION}")
+        self._program = p
+        self._device = device
+        try:
+            tensors = safetensors.torch.load(program.weights)
+        except Exception as exc:
+            raise IRError(f"weights are not valid safetensors: {exc}") from None
+        declared = [*p.parameters, *p.buffers, *p.constants]
+        if len(set(declared)) != len(declared) or set(declared) != set(tensors):
+            raise IRError("the weights do not hold exactly the declared parameters, buffers and constants")
+        for group in p.tie_groups:
+            if not group or group[0] not in p.parameters:
+                raise IRError(f"tie group {group[:3]} does not start with a declared parameter")
+        n_inputs = len(p.signature.inputs)
+        if n_inputs != p.signature.positional + len(p.signature.keywords):
+            raise IRError("the signature's inputs do not match its positional and keyword counts")
+        for name, (low, high) in p.signature.symbols.items():
+            if low > high:
+                raise IRError(f"dynamic dim {name} has an empty range {low}..{high}")
+        for spec in p.signature.inputs:
+            for dim in spec.shape:
+                if isinstance(dim, str) and dim not in p.signature.symbols:
+                    raise IRError(f"input dimension {dim!r} has no declared range")
+        known = set(declared)
+        subgraphs = {name: _Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
+        self._graph = _Graph(p.graph, subgraphs, known, n_inputs)
+        for node_name, buffer in p.buffer_mutations.items():
+            if buffer not in p.buffers or node_name not in {step.name for step in self._graph.steps}:
+                raise IRError(f"buffer mutation {node_name} -> {buffer} names an unknown node or buffer")
+        self._dry_run(tensors, max_memory_bytes)
+        self._state: dict[str, torch.Tensor] = {}
+        for name in p.parameters:
+            self._register(name, torch.nn.Parameter(tensors[name].to(device)), "parameter")
+        for name in p.buffers:
+            self._register(name, tensors[name].to(device), "buffer", persistent=name in p.persistent_buffers)
+        for name in p.constants:
+            self._register(name, tensors[name].to(device), "buffer", persistent=False)
+        self._captured_train = p.captured_train
+        self.train(train)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _register(self, name: str, tensor: torch.Tensor, kind: str, persistent: bool = True) -> None:
+        """Place the tensor at its dotted original name, creating empty container modules on the way."""
+        *path, leaf = name.split(".")
+        owner: torch.nn.Module = self
+        for part in path:
+            if not part.isidentifier() and not part.isdigit():
+                raise IRError(f"state name {name!r} has an unusable part {part!r}")
+            child = owner._modules.get(part)
+            if child is None:
+                child = torch.nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if kind == "parameter":
+            owner.register_parameter(leaf, tensor)  # type: ignore[arg-type]
+        else:
+            owner.register_buffer(leaf, tensor, persistent=persistent)
+        self._state[name] = tensor
+
+    def _live_state(self, name: str) -> torch.Tensor:
+        *path, leaf = name.split(".")
+        owner: torch.nn.Module = self
+        for part in path:
+            owner = owner._modules[part]  # type: ignore[assignment]
+        return getattr(owner, leaf)
+
+    def train(self, mode: bool = True) -> StageModule:
+        if mode and not self._captured_train and any(step.mode is not None for step in self._graph.steps):
+            raise IRError("this program was captured in eval mode; capture it with train=True to train it")
+        return super().train(mode)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        sig = self._program.signature
+        if len(args) != sig.positional or set(kwargs) != set(sig.keywords):
+            raise TypeError(
+                f"this stage takes {sig.positional} positional tensors and keywords {sig.keywords}, "
+                f"got {len(args)} and {sorted(kwargs)}"
+            )
+        inputs = [*args, *(kwargs[k] for k in sig.keywords)]
+        self._check_inputs(inputs)
+        state = {name: self._live_state(name) for name in self._state}
+        results = self._run(self._graph, inputs, state, self._device, self.training)
+        outputs, env = results
+        for node_name, buffer in self._program.buffer_mutations.items():
+            with torch.no_grad():
+                self._live_state(buffer).copy_(env[node_name])
+        if sig.output == "tensor":
+            return outputs[0]
+        if sig.output == "tuple":
+            return tuple(outputs)
+        return dict(zip(sig.output_keys, outputs, strict=True))
+
+    def _check_inputs(self, inputs: list[torch.Tensor]) -> None:
+        sig = self._program.signature
+        bound: dict[str, int] = {}
+        for i, (tensor, spec) in enumerate(zip(inputs, sig.inputs, strict=True)):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != _DTYPES[spec.dtype]:
+                raise TypeError(f"input {i} must be a {spec.dtype} tensor")
+            if tensor.dim() != len(spec.shape):
+                raise ValueError(f"input {i} must have {len(spec.shape)} dims, got shape {tuple(tensor.shape)}")
+            for size, dim in zip(tensor.shape, spec.shape, strict=True):
+                if isinstance(dim, int):
+                    if size != dim:
+                        raise ValueError(f"input {i} has shape {tuple(tensor.shape)}, expected {spec.shape}")
+                    continue
+                low, high = sig.symbols[dim]
+                if not low <= size <= high or bound.setdefault(dim, size) != size:
+                    raise ValueError(
+                        f"input {i} dim {dim}={size} is outside its declared range {low}..{high} "
+                        "or disagrees with another input"
+                    )
+
+    def _run(
+        self, graph: _Graph, inputs: list[Any], state: dict[str, torch.Tensor], device: torch.device, training: bool
+    ) -> tuple[list[Any], dict[str, Any]]:
+        env: dict[str, Any] = {}
+        for p in graph.placeholders:
+            env[p.name] = inputs[p.index] if p.kind == "input" else state[p.target]  # type: ignore[index]
+        keep = set(self._program.buffer_mutations)
+        for i, step in enumerate(graph.steps):
+            args = [_ev(a, env, device) for a in step.args]
+            kwargs = {k: _ev(v, env, device) for k, v in step.kwargs.items()}
+            if step.mode is not None:
+                _apply_mode(step, args, kwargs, training)
+            try:
+                if step.subgraph is not None:
+                    with torch.set_grad_enabled(bool(args[0]) and torch.is_grad_enabled()):
+                        env[step.name] = tuple(self._run(step.subgraph, args[1:], state, device, training)[0])
+                else:
+                    env[step.name] = step.fn(*args, **kwargs)  # type: ignore[misc]
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise IRError(f"node {step.name} failed: {exc}") from None
+            for name in graph.last_use.get(i, ()):
+                if name not in keep:
+                    env.pop(name, None)
+        return [_ev(a, env, device) for a in graph.outputs], env
+
+    def _dry_run(self, tensors: dict[str, torch.Tensor], max_memory_bytes: int) -> None:
+        """Run the graph on the meta device at the declared maximum shapes and add up every tensor it
+        produces: an upper bound on one forward pass, known before anything real is allocated."""
+        sig = self._program.signature
+        meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+        inputs = [
+            torch.empty(
+                [d if isinstance(d, int) else sig.symbols[d][1] for d in spec.shape],
+                dtype=_DTYPES[spec.dtype],
+                device="meta",
+            )
+            for spec in sig.inputs
+        ]
+        total = 0
+        meta = torch.device("meta")
+
+        def count(value: Any) -> None:
+            nonlocal total
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, list | tuple):
+                for v in value:
+                    count(v)
+
+        graph = self._graph
+        env: dict[str, Any] = {}
+        for p in graph.placeholders:
+            env[p.name] = inputs[p.index] if p.kind == "input" else meta_state[p.target]  # type: ignore[index]
+        with torch.no_grad():
+            for step in graph.steps:
+                args = [_ev(a, env, meta) for a in step.args]
+                kwargs = {k: _ev(v, env, meta) for k, v in step.kwargs.items()}
+                try:
+                    if step.subgraph is not None:
+                        sub_env_out = self._run(step.subgraph, args[1:], meta_state, meta, False)[0]
+                        env[step.name] = tuple(sub_env_out)
+                    else:
+                        env[step.name] = step.fn(*args, **kwargs)  # type: ignore[misc]
+                except IRError:
+                    raise
+                except Exception as exc:
+                    raise IRError(f"dry run failed at node {step.name}: {type(exc).__name__}: {exc}") from None
+                count(env[step.name])
+                if total > max_memory_bytes:
+                    raise IRError(
+                        f"dry run at the declared maximum shapes needs more than {max_memory_bytes / 2**30:.1f} GiB "
+                        f"by node {step.name} ({math.ceil(total / 2**30)} GiB so far): refused"
+                    )
+
+
+def _apply_mode(step: _Step, args: list[Any], kwargs: dict[str, Any], training: bool) -> None:
+    pos, kw, captured = step.mode  # type: ignore[misc]
+    value = (captured if training else 0.0) if kw == "dropout_p" else training
+    if kw == "dropout_p" and captured is None:
+        return
+    if pos < len(args):
+        args[pos] = value
+    else:
+        kwargs[kw] = value
