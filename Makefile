@@ -62,6 +62,7 @@ test: install
 bench: install
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/dht.py
+	$(PY) benchmarks/ir.py
 
 clean:
 	rm -rf $(VENV) build src/tensorlink/_C*.so src/*.egg-info

@@ -19,7 +19,7 @@ from tensorlink.ir.errors import CaptureError
 from tensorlink.ir.ops import ATEN_OPS, OPS_VERSION, PY_OPS, SET_GRAD_REGION, target_name
 from tensorlink.ir.program import StageProgram
 
-MAX_BATCH = 1024
+DEFAULT_MAX_BATCH = 64
 UNBOUNDED_DIM_CAP = 4096  # a dynamic dim the user left unbounded is capped here, so the worker can bound memory
 _DTYPE_NAMES = {
     getattr(torch, n): n
@@ -39,18 +39,20 @@ def capture(
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     max_seq_len: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
     train: bool = True,
 ) -> StageProgram:
     """Export ``module`` on the examples (batch of 2 or more: a batch of 1 is specialised away) and
-    convert it. Default dynamic shapes: dim 0 of every tensor input (1..1024) and, with ``max_seq_len``,
-    dim 1 of inputs with two or more dims (2..max_seq_len)."""
+    convert it. Default dynamic shapes: dim 0 of every tensor input (1..max_batch) and, with
+    ``max_seq_len``, dim 1 of inputs with two or more dims (2..max_seq_len). The maxima matter: a worker
+    dry-runs the stage at them to bound its memory, and refuses inputs beyond them."""
     name = type(module).__name__
     kwargs = dict(example_kwargs or {})
     for key, value in [*enumerate(example_args), *kwargs.items()]:
         if not isinstance(value, torch.Tensor):
             raise CaptureError(f"{name}: input {key!r} is a {type(value).__name__}; stage inputs must be tensors")
     if dynamic_shapes is None:
-        dynamic_shapes = _default_dynamic_shapes(example_args, kwargs, max_seq_len)
+        dynamic_shapes = _default_dynamic_shapes(example_args, kwargs, max_seq_len, max_batch)
     was_training = module.training
     module.train(train)
     try:
@@ -69,8 +71,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500] if text else ""
 
 
-def _default_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any], max_seq_len: int | None) -> Any:
-    batch = Dim("batch", min=1, max=MAX_BATCH)
+def _default_dynamic_shapes(
+    args: tuple[Any, ...], kwargs: dict[str, Any], max_seq_len: int | None, max_batch: int
+) -> Any:
+    batch = Dim("batch", min=1, max=max_batch)
     seq = Dim("seq", min=2, max=max_seq_len) if max_seq_len else None
 
     def spec(t: torch.Tensor) -> dict[int, Any]:
