@@ -10,7 +10,6 @@ parameters as ``nn.Parameter`` so autograd and any optimizer work unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,15 @@ import torch
 
 from tensorlink.ir import schema as s
 from tensorlink.ir.errors import IRError
-from tensorlink.ir.ops import ATEN_OPS, MODE_DEPENDENT, OPS_VERSION, PY_OPS, SET_GRAD_REGION, resolve
+from tensorlink.ir.ops import (
+    ATEN_OPS,
+    LITERAL_SECOND_ARG,
+    MODE_DEPENDENT,
+    OPS_VERSION,
+    PY_OPS,
+    SET_GRAD_REGION,
+    resolve,
+)
 from tensorlink.ir.program import StageProgram
 
 DEFAULT_MAX_MEMORY = 8 << 30
@@ -32,6 +39,8 @@ _FORMATS = {
     "preserve_format": torch.preserve_format,
     "channels_last": torch.channels_last,
 }
+
+_RESERVED = frozenset(dir(torch.nn.Module)) | {"training"}
 
 # A compiled argument: ("c", constant) | ("r", node name) | ("l", [compiled...]) | ("d", None) for a device.
 Compiled = tuple[str, Any]
@@ -46,7 +55,7 @@ def load(
 
 
 class _Step:
-    __slots__ = ("name", "fn", "args", "kwargs", "mode", "subgraph")
+    __slots__ = ("name", "fn", "args", "kwargs", "mode", "subgraph", "train_only")
 
     def __init__(self, name: str, fn: Callable[..., Any] | None, args: list[Compiled], kwargs: dict[str, Compiled]):
         self.name = name
@@ -55,6 +64,9 @@ class _Step:
         self.kwargs = kwargs
         self.mode: tuple[int, str, Any] | None = None  # (position, keyword, captured value)
         self.subgraph: _Graph | None = None
+        # An in-place update of a buffer (BatchNorm's num_batches_tracked += 1): state changes only while
+        # training, as in eager, so in eval mode the step passes its input through.
+        self.train_only = False
 
 
 class _Graph:
@@ -62,6 +74,7 @@ class _Graph:
 
     def __init__(self, graph: s.Graph, subgraphs: dict[str, _Graph] | None, known_state: set[str], n_inputs: int):
         self.placeholders = graph.placeholders
+        buffers = {p.name for p in graph.placeholders if p.kind == "buffer"}
         defined: set[str] = set()
         for p in graph.placeholders:
             if p.name in defined:
@@ -97,6 +110,11 @@ class _Graph:
                     pos, kw = MODE_DEPENDENT[node.target]
                     captured = _const_at(step, pos, kw)
                     step.mode = (pos, kw, captured)
+                if node.target in LITERAL_SECOND_ARG and (len(step.args) != 2 or step.args[1][0] != "c"):
+                    raise IRError(f"node {node.name}: {node.target} must divide by a literal")
+                op_name = node.target.split(".")[1]
+                if op_name.endswith("_") and step.args and step.args[0][0] == "r":
+                    step.train_only = step.args[0][1] in buffers
             else:
                 raise IRError(f"node {node.name}: target {node.target!r} is not in the stage operator allow-list")
             self.steps.append(step)
@@ -224,19 +242,23 @@ class StageModule(torch.nn.Module):
     def _register(self, name: str, tensor: torch.Tensor, kind: str, persistent: bool = True) -> None:
         """Place the tensor at its dotted original name, creating empty container modules on the way."""
         *path, leaf = name.split(".")
+        for part in (*path, leaf):
+            if not (part.isidentifier() or part.isdigit()) or part.startswith("_") or part in _RESERVED:
+                raise IRError(f"state name {name!r} has an unusable part {part!r} (it would shadow a module attribute)")
         owner: torch.nn.Module = self
-        for part in path:
-            if not part.isidentifier() and not part.isdigit():
-                raise IRError(f"state name {name!r} has an unusable part {part!r}")
-            child = owner._modules.get(part)
-            if child is None:
-                child = torch.nn.Module()
-                owner.add_module(part, child)
-            owner = child
-        if kind == "parameter":
-            owner.register_parameter(leaf, tensor)  # type: ignore[arg-type]
-        else:
-            owner.register_buffer(leaf, tensor, persistent=persistent)
+        try:
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = torch.nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            if kind == "parameter":
+                owner.register_parameter(leaf, tensor)  # type: ignore[arg-type]
+            else:
+                owner.register_buffer(leaf, tensor, persistent=persistent)
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise IRError(f"state name {name!r} conflicts with another state name: {exc}") from None
         self._state[name] = tensor
 
     def _live_state(self, name: str) -> torch.Tensor:
@@ -295,7 +317,13 @@ class StageModule(torch.nn.Module):
                     )
 
     def _run(
-        self, graph: _Graph, inputs: list[Any], state: dict[str, torch.Tensor], device: torch.device, training: bool
+        self,
+        graph: _Graph,
+        inputs: list[Any],
+        state: dict[str, torch.Tensor],
+        device: torch.device,
+        training: bool,
+        on_value: Callable[[str, Any], None] | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
         env: dict[str, Any] = {}
         for p in graph.placeholders:
@@ -309,64 +337,63 @@ class StageModule(torch.nn.Module):
             try:
                 if step.subgraph is not None:
                     with torch.set_grad_enabled(bool(args[0]) and torch.is_grad_enabled()):
-                        env[step.name] = tuple(self._run(step.subgraph, args[1:], state, device, training)[0])
+                        sub = self._run(step.subgraph, args[1:], state, device, training, on_value)[0]
+                    env[step.name] = tuple(sub)
+                elif step.train_only and not training:
+                    env[step.name] = args[0]
                 else:
                     env[step.name] = step.fn(*args, **kwargs)  # type: ignore[misc]
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            except IRError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as exc:
                 raise IRError(f"node {step.name} failed: {exc}") from None
+            if on_value is not None:
+                on_value(step.name, env[step.name])
             for name in graph.last_use.get(i, ()):
                 if name not in keep:
                     env.pop(name, None)
         return [_ev(a, env, device) for a in graph.outputs], env
 
     def _dry_run(self, tensors: dict[str, torch.Tensor], max_memory_bytes: int) -> None:
-        """Run the graph on the meta device at the declared maximum shapes and add up every tensor it
-        produces: an upper bound on one forward pass, known before anything real is allocated."""
+        """Run the graph on the meta device at the declared maximum shapes, in training mode, and add up
+        every tensor any node produces (grad regions included): an upper bound on one forward pass,
+        known before anything real is allocated."""
         sig = self._program.signature
-        meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
-        inputs = [
-            torch.empty(
-                [d if isinstance(d, int) else sig.symbols[d][1] for d in spec.shape],
-                dtype=_DTYPES[spec.dtype],
-                device="meta",
-            )
-            for spec in sig.inputs
-        ]
-        total = 0
         meta = torch.device("meta")
+        try:
+            state = {k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in tensors.items()}
+            inputs = [
+                torch.empty(
+                    [d if isinstance(d, int) else sig.symbols[d][1] for d in spec.shape],
+                    dtype=_DTYPES[spec.dtype],
+                    device=meta,
+                )
+                for spec in sig.inputs
+            ]
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            raise IRError(f"dry run: the declared maximum input shapes cannot be allocated: {exc}") from None
+        total = 0
 
-        def count(value: Any) -> None:
+        def count(name: str, value: Any) -> None:
             nonlocal total
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
             elif isinstance(value, list | tuple):
                 for v in value:
-                    count(v)
+                    count(name, v)
+            if total > max_memory_bytes:
+                raise IRError(
+                    f"dry run at the declared maximum shapes needs more than {max_memory_bytes / 2**30:.2f} GiB "
+                    f"by node {name} ({total / 2**30:.2f} GiB so far): refused"
+                )
 
-        graph = self._graph
-        env: dict[str, Any] = {}
-        for p in graph.placeholders:
-            env[p.name] = inputs[p.index] if p.kind == "input" else meta_state[p.target]  # type: ignore[index]
         with torch.no_grad():
-            for step in graph.steps:
-                args = [_ev(a, env, meta) for a in step.args]
-                kwargs = {k: _ev(v, env, meta) for k, v in step.kwargs.items()}
-                try:
-                    if step.subgraph is not None:
-                        sub_env_out = self._run(step.subgraph, args[1:], meta_state, meta, False)[0]
-                        env[step.name] = tuple(sub_env_out)
-                    else:
-                        env[step.name] = step.fn(*args, **kwargs)  # type: ignore[misc]
-                except IRError:
-                    raise
-                except Exception as exc:
-                    raise IRError(f"dry run failed at node {step.name}: {type(exc).__name__}: {exc}") from None
-                count(env[step.name])
-                if total > max_memory_bytes:
-                    raise IRError(
-                        f"dry run at the declared maximum shapes needs more than {max_memory_bytes / 2**30:.1f} GiB "
-                        f"by node {step.name} ({math.ceil(total / 2**30)} GiB so far): refused"
-                    )
+            try:
+                self._run(self._graph, inputs, state, meta, self._program.captured_train, count)
+            except IRError as exc:
+                raise IRError(f"dry run: {exc}") from None
+            except Exception as exc:
+                raise IRError(f"dry run failed: {type(exc).__name__}: {exc}") from None
 
 
 def _apply_mode(step: _Step, args: list[Any], kwargs: dict[str, Any], training: bool) -> None:

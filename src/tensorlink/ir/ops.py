@@ -61,15 +61,16 @@ ATEN_OPS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-# Python-level functions export emits for symbolic sizes and tuple outputs.
+# Python-level functions export emits for symbolic sizes and tuple outputs. Only operations under which a
+# size can never shrink as an input dim grows (add, mul, floordiv by a literal), so that the dry run at the
+# declared maximum shapes bounds every smaller shape too: (K - batch) or (K // batch) are refused.
 PY_OPS: dict[str, Callable[..., Any]] = {
     "operator.getitem": operator.getitem,
     "operator.add": operator.add,
-    "operator.sub": operator.sub,
     "operator.mul": operator.mul,
     "operator.floordiv": operator.floordiv,
-    "operator.neg": operator.neg,
 }
+LITERAL_SECOND_ARG = frozenset({"operator.floordiv"})
 
 # Higher-order op for regions that run with gradients switched (e.g. rotary embeddings under no_grad).
 SET_GRAD_REGION = "tl.set_grad_enabled"
