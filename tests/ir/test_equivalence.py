@@ -17,7 +17,7 @@ import pytest
 import torch
 from loaded_runner import flatten, fwd_bwd, run_fresh
 
-from tensorlink.ir import StageProgram, capture, load
+from tensorlink.ir import StageProgram, capture, cross_stage_ties, load
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -269,6 +269,20 @@ def test_tied_embeddings_are_one_parameter_and_reported() -> None:
     with torch.no_grad():
         params["transformer.wte.weight"].zero_()
     assert loaded(ids)["logits"].abs().max().item() == 0.0
+
+
+def test_ties_across_stages_are_reported_for_stages_captured_together() -> None:
+    """The first stage holds wte, the last lm_head: one tensor in the model, two stages. Captured in one
+    session they name the same storage, so the pipeline knows to sum the two gradients; the middle stage
+    shares nothing."""
+    first, middle, last = M.gpt2_stages()
+    programs = [
+        capture(first, M.token_inputs(2, 8), max_seq_len=64),
+        capture(middle, M.hidden_inputs(2, 8), max_seq_len=64),
+        capture(last, M.hidden_inputs(2, 8), max_seq_len=64),
+    ]
+    assert cross_stage_ties(programs) == [[(0, "wte.weight"), (2, "lm_head.weight")]]
+    assert cross_stage_ties([programs[0], programs[1]]) == []
 
 
 def test_last_stage_alone_reports_no_tie() -> None:

@@ -5,9 +5,9 @@ operators plus safetensors weights; ``load`` (worker side) validates every part 
 module that interprets it. See ../shared/research/pipeline-and-stage-ir.md for why not torch.export.load.
 """
 
-from tensorlink.ir.capture import capture
+from tensorlink.ir.capture import capture, cross_stage_ties
 from tensorlink.ir.errors import CaptureError, IRError
 from tensorlink.ir.loader import StageModule, load
 from tensorlink.ir.program import StageProgram
 
-__all__ = ["CaptureError", "IRError", "StageModule", "StageProgram", "capture", "load"]
+__all__ = ["CaptureError", "IRError", "StageModule", "StageProgram", "capture", "cross_stage_ties", "load"]

@@ -6,7 +6,9 @@ allow-listed operators and the weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import safetensors.torch
@@ -21,6 +23,7 @@ from tensorlink.ir.program import StageProgram
 
 DEFAULT_MAX_BATCH = 64
 UNBOUNDED_DIM_CAP = 4096  # a dynamic dim the user left unbounded is capped here, so the worker can bound memory
+_SESSION_SALT = os.urandom(16)  # storage keys mean something only within one capturing process
 _DTYPE_NAMES = {
     getattr(torch, n): n
     for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -232,8 +235,26 @@ def _convert(
         constants=constants,
         buffer_mutations={node: buf for node, buf in mutations.items()},
         tie_groups=list(ties.values()),
+        storage_keys={n: _storage_key(state[n]) for n in parameters},
     )
     return StageProgram(program, safetensors.torch.save(weights))
+
+
+def _storage_key(tensor: torch.Tensor) -> str:
+    storage = tensor.untyped_storage()
+    ident = f"{storage.data_ptr()}:{tensor.storage_offset()}:{tuple(tensor.shape)}".encode()
+    return hashlib.sha256(_SESSION_SALT + ident).hexdigest()[:32]
+
+
+def cross_stage_ties(programs: Sequence[StageProgram]) -> list[list[tuple[int, str]]]:
+    """Parameters that are one tensor split across stages, as (stage index, parameter name) groups. The
+    stages must come from one capturing process (the partitioner's); within a stage ties are already a
+    single parameter (``tie_groups``)."""
+    by_key: dict[str, list[tuple[int, str]]] = {}
+    for index, program in enumerate(programs):
+        for name, key in program.program.storage_keys.items():
+            by_key.setdefault(key, []).append((index, name))
+    return [group for group in by_key.values() if len({i for i, _ in group}) > 1]
 
 
 def _input_spec(name: str, val: torch.Tensor, symbols: dict[str, list[int]], ranges: dict[Any, Any]) -> s.InputSpec:

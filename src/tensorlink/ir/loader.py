@@ -207,6 +207,8 @@ class StageModule(torch.nn.Module):
         declared = [*p.parameters, *p.buffers, *p.constants]
         if len(set(declared)) != len(declared) or set(declared) != set(tensors):
             raise IRError("the weights do not hold exactly the declared parameters, buffers and constants")
+        if not set(p.storage_keys) <= set(p.parameters):
+            raise IRError("storage keys name parameters the program does not declare")
         for group in p.tie_groups:
             if not group or group[0] not in p.parameters:
                 raise IRError(f"tie group {group[:3]} does not start with a declared parameter")

@@ -103,3 +103,6 @@ class Program(msgspec.Struct, forbid_unknown_fields=True):
     constants: list[Name] = []
     buffer_mutations: dict[Name, Name] = {}  # output node name -> buffer updated with it
     tie_groups: list[list[Name]] = []
+    # parameter name -> key of the storage it had at capture; equal keys in two stages captured in one
+    # session mean one weight cut in two (GPT-2's wte and lm_head), whose gradients the pipeline must sum
+    storage_keys: dict[Name, Annotated[str, msgspec.Meta(max_length=64)]] = {}
