@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as read_safetensors  # the safetensors format: no pickle, no code
 
 from tensorlink.ir import schema as s
 from tensorlink.ir.errors import IRError
@@ -201,7 +201,7 @@ class StageModule(torch.nn.Module):
         self._program = p
         self._device = device
         try:
-            tensors = safetensors.torch.load(program.weights)
+            tensors = read_safetensors(program.weights)
         except Exception as exc:
             raise IRError(f"weights are not valid safetensors: {exc}") from None
         declared = [*p.parameters, *p.buffers, *p.constants]
