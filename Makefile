@@ -48,12 +48,14 @@ install: system-deps $(VENV)/.stamp-install
 
 demo: install
 	@echo
-	@echo "TensorLink today is its foundation: the native frame codec, CRC32C, int8 compression, buffer"
-	@echo "pool and socket I/O in tensorlink._C, and the wire formats. Offloading a model over a local"
-	@echo "network comes with the peer node, Stage IR, data plane and offload() work still open."
-	@echo "What exists can be measured, so the demo is the wire benchmark:"
+	@echo "TensorLink today: the native frame codec and wire formats, the peer node (python -m"
+	@echo "tensorlink.node: DHT, gossip, NAT traversal, status endpoint) and the Stage IR (capture a"
+	@echo "model, run it on a worker without its code). Offloading a model over a local network needs the"
+	@echo "data plane and offload(), still open. What exists is measured here: the wire benchmark, then"
+	@echo "the Stage IR against eager PyTorch and torch.export.load."
 	@echo
 	$(PY) benchmarks/wire.py
+	$(PY) benchmarks/ir.py
 
 test: install
 	$(PY) -m ruff check src tests benchmarks

@@ -64,7 +64,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1000, n_positions=128, use_cache=False)
+    config = GPT2Config(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=128,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     config.attn_pdrop = config.resid_pdrop = config.embd_pdrop = 0.0
     stage = BlockRange(GPT2LMHeadModel(config).transformer.h[1:3])
     example = torch.randn(2, 16, 256)
