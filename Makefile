@@ -40,9 +40,9 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-torch $(NATIVE_SOURCES)
 # that run them (CI included) run tests as root. Elsewhere this only warns and the NAT tests say why
 # they cannot run.
 system-deps:
-	@command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || \
-		(apt-get update && apt-get install -y iptables iproute2) || \
-		echo "warning: could not install iptables/iproute2 (needs root and apt); the tests/netns NAT tests will fail"
+	@command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 && test -f /usr/include/openssl/evp.h || \
+		(apt-get update && apt-get install -y iptables iproute2 libssl-dev) || \
+		echo "warning: could not install iptables/iproute2/libssl-dev (needs root and apt); the build needs libssl-dev and the tests/netns NAT tests need iptables"
 
 install: system-deps $(VENV)/.stamp-install
 

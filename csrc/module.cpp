@@ -17,6 +17,7 @@
 #include "frame_header.h"
 #include "frame_io.h"
 #include "quantize.h"
+#include "sealed_socket.h"
 
 namespace py = pybind11;
 using namespace tl;
@@ -125,6 +126,25 @@ std::string header_repr(const FrameHeader& h) {
          ", micro_batch=" + std::to_string(h.micro_batch) + ", stage=" + std::to_string(h.stage) + ")";
 }
 
+std::string key_bytes(const py::bytes& key, const char* what) {
+  std::string k = key;
+  if (k.size() != kSealKey)
+    throw py::value_error(std::string(what) + " must be " + std::to_string(kSealKey) + " bytes, got " +
+                          std::to_string(k.size()));
+  return k;
+}
+
+// SealedSocket plus the Python buffer of the frame being sent, held until the last byte is out.
+struct PySealedSocket {
+  PySealedSocket(int fd, const py::bytes& send_key, const py::bytes& recv_key, std::shared_ptr<BufferPool> pool,
+                 uint64_t max_payload, bool verify_crc)
+      : sock(fd, reinterpret_cast<const uint8_t*>(key_bytes(send_key, "send_key").data()),
+             reinterpret_cast<const uint8_t*>(key_bytes(recv_key, "recv_key").data()), std::move(pool), max_payload,
+             verify_crc) {}
+  SealedSocket sock;
+  std::unique_ptr<View> payload;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -133,7 +153,9 @@ PYBIND11_MODULE(_C, m) {
   auto wire_error = py::register_exception<WireError>(m, "WireError", PyExc_ValueError);
   py::register_exception<ChecksumError>(m, "ChecksumError", wire_error.ptr());
   py::register_exception<PoolExhausted>(m, "PoolExhausted", PyExc_TimeoutError);
-  py::register_exception<ConnectionClosed>(m, "ConnectionClosed", PyExc_ConnectionError);
+  auto closed = py::register_exception<ConnectionClosed>(m, "ConnectionClosed", PyExc_ConnectionError);
+  py::register_exception<AuthError>(m, "AuthError", wire_error.ptr());
+  py::register_exception<ChannelBroken>(m, "ChannelBroken", closed.ptr());
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -300,6 +322,59 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("fd"), py::arg("pool"), py::arg("max_payload"), py::arg("timeout") = py::none(), py::arg("verify") = true,
         "Read one whole frame: header (validated against max_payload before allocating), then the payload "
         "into a pool buffer, checksum verified; timeout bounds the whole call. Returns (FrameHeader, PooledBuffer).");
+
+  m.attr("SEAL_CHUNK") = kSealChunk;
+  m.attr("SEAL_TAG") = kSealTag;
+  py::class_<PySealedSocket>(m, "SealedSocket",
+                             "AES-256-GCM tensor frames over a connected TCP socket (see csrc/sealed_socket.h). The "
+                             "pumps release the GIL; one sender and one receiver may pump at the same time.")
+      .def(py::init<int, const py::bytes&, const py::bytes&, std::shared_ptr<BufferPool>, uint64_t, bool>(),
+           py::arg("fd"), py::arg("send_key"), py::arg("recv_key"), py::arg("pool"), py::arg("max_payload"),
+           py::arg("verify_crc") = true)
+      .def("start_send", [](PySealedSocket& s, const py::bytes& header, const py::handle& payload) {
+        std::string h = header;
+        if (h.size() != kHeaderSize) throw WireError("an encoded frame header is " + std::to_string(kHeaderSize) + " bytes");
+        auto view = std::make_unique<View>(payload, false, "payload");
+        s.sock.start_send(reinterpret_cast<const uint8_t*>(h.data()), view->data(), view->size());
+        s.payload = std::move(view);
+      }, py::arg("header"), py::arg("payload"), "Queue one encoded frame; pump_send moves it.")
+      .def("pump_send", [](PySealedSocket& s, bool blocking, const py::object& timeout) {
+        double t = timeout_or_forever(timeout);
+        bool done;
+        try {
+          py::gil_scoped_release nogil;
+          done = s.sock.pump_send(blocking, t, check_signals);
+        } catch (...) {
+          if (s.sock.broken()) s.payload.reset();
+          throw;
+        }
+        if (done) s.payload.reset();
+        return done;
+      }, py::arg("blocking"), py::arg("timeout") = py::none(),
+           "Move bytes of the queued frame; True once all of it is on the socket. Non-blocking calls return "
+           "False when the socket is full; blocking ones wait up to timeout (None: forever).")
+      .def("pump_recv", [](PySealedSocket& s, bool blocking, const py::object& timeout) {
+        double t = timeout_or_forever(timeout);
+        py::gil_scoped_release nogil;
+        return static_cast<int>(s.sock.pump_recv(blocking, t, check_signals));
+      }, py::arg("blocking"), py::arg("timeout") = py::none(),
+           "Move bytes of the incoming frame: 0 needs more data, 1 a frame is ready (take_frame), 2 the pool "
+           "is full (only without blocking).")
+      .def("take_frame", [](PySealedSocket& s) {
+        auto [h, buf] = s.sock.take_frame();
+        return py::make_tuple(h, buf ? py::cast(std::move(buf)) : py::none());
+      }, "The received frame: (FrameHeader, PooledBuffer or None for an empty payload).")
+      .def("shutdown", [](PySealedSocket& s, const std::string& why) { s.sock.shutdown(why); }, py::arg("why"),
+           "Break the channel: blocked pumps fail at once; the owner closes the fd afterwards.")
+      .def_property_readonly("sending", [](const PySealedSocket& s) { return s.sock.sending(); })
+      .def_property_readonly("receiving", [](const PySealedSocket& s) { return s.sock.receiving(); })
+      .def_property_readonly("broken", [](const PySealedSocket& s) {
+        return s.sock.broken() ? py::object(py::str(s.sock.broken_reason())) : py::object(py::none());
+      }, "Why the channel broke, or None.")
+      .def_property_readonly("bytes_sent", [](const PySealedSocket& s) { return s.sock.bytes_sent(); })
+      .def_property_readonly("bytes_received", [](const PySealedSocket& s) { return s.sock.bytes_received(); })
+      .def_property_readonly("frames_sent", [](const PySealedSocket& s) { return s.sock.frames_sent(); })
+      .def_property_readonly("frames_received", [](const PySealedSocket& s) { return s.sock.frames_received(); });
 
   m.def("cuda_compiled", [] { return cuda::kCompiled; }, "Whether the CUDA sources were built in.");
   m.def("cuda_available", &cuda::available, "Whether a CUDA device is usable (compiled in and present).");

@@ -26,12 +26,11 @@ from tensorlink.p2p.reachability import (
     DialBackConfig,
     DialBackResult,
     Reachability,
-    _read,
-    _write,
     open_dial_back,
     plan_dial_back,
     verdict,
 )
+from tensorlink.p2p.streams import read_message, write_message
 from tensorlink.wire.messages import DialBackRequest, DialBackResponse
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,8 +139,8 @@ async def test_a_server_that_claims_success_without_probing_is_not_believed(tmp_
     async with nodes(tmp_path, 2) as (a, liar):
 
         async def lie(stream) -> None:  # noqa: ANN001
-            request = await _read(stream, DialBackRequest)
-            await _write(stream, DialBackResponse(nonce=request.nonce, status="ok", addr=request.addrs[0]))
+            request = await read_message(stream, DialBackRequest)
+            await write_message(stream, DialBackResponse(nonce=request.nonce, status="ok", addr=request.addrs[0]))
             await stream.close()
 
         liar.host.set_stream_handler(PROTOCOL, lie)

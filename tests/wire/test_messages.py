@@ -16,6 +16,7 @@ from tensorlink.wire.messages import (
     PROTOCOL_VERSION,
     ChannelAccept,
     ChannelOffer,
+    ChannelSelect,
     DialBackProbe,
     DialBackRequest,
     DialBackResponse,
@@ -50,8 +51,9 @@ EXAMPLES: list[Message] = [
         software="tensorlink/0.1.0 torch/2.13.0+cu128",
         addrs=["/ip4/203.0.113.7/tcp/4001", "/ip6/2001:db8::1/udp/4001/quic-v1"],
     ),
-    ChannelOffer(job=JOB, ephemeral_key=KEY, token=TOKEN, addrs=["/ip4/198.51.100.2/tcp/7000"]),
-    ChannelAccept(job=JOB, ephemeral_key=bytes(reversed(KEY)), token=TOKEN),
+    ChannelOffer(job=JOB, ephemeral_key=KEY, nonce=TOKEN),
+    ChannelAccept(job=JOB, ephemeral_key=bytes(reversed(KEY)), token=TOKEN, addrs=["/ip4/198.51.100.2/tcp/7000"]),
+    ChannelSelect(direct=False, reason="no direct connection to the peer (relayed)"),
     ErrorReply(code="job_not_found", message="no job 0f1e2d3c4b5a69788796a5b4c3d2e1f0 on this worker"),
     DialBackRequest(nonce=JOB, addrs=["/ip4/192.168.1.20/tcp/4001", "/ip4/198.51.100.2/tcp/4001"]),
     DialBackProbe(nonce=JOB),
@@ -66,7 +68,7 @@ EXAMPLES: list[Message] = [
 
 HEARTBEAT = {"kind": "heartbeat", "peer_id": PEER, "role": "worker", "seq": 1, "time_ms": 5, "load": 0.5}
 CHANNEL_ACCEPT = {"kind": "channel_accept", "job": JOB, "ephemeral_key": KEY, "token": TOKEN}
-OFFER = {**CHANNEL_ACCEPT, "kind": "channel_offer"}  # without its required addrs
+OFFER = {"kind": "channel_offer", "job": JOB, "ephemeral_key": KEY}  # without its required nonce
 HELLO = {"kind": "hello", "role": "worker", "software": "x"}
 
 
@@ -144,7 +146,7 @@ def test_unknown_field() -> None:
         ({**CHANNEL_ACCEPT, "job": JOB.hex()[:16]}, r"Expected `bytes`, got `str` - at `\$\.job`"),
         ({"kind": "hello", "role": "worker", "software": None}, r"Expected `str`, got `None` - at `\$\.software`"),
         ({"kind": "hello", "role": "worker", "software": "x", "v": 1.0}, r"Expected `int`, got `float` - at `\$\.v`"),
-        ({**OFFER, "addrs": "/ip4/1.2.3.4"}, r"Expected `array`, got `str` - at `\$\.addrs`"),
+        ({**CHANNEL_ACCEPT, "addrs": "/ip4/1.2.3.4"}, r"Expected `array`, got `str` - at `\$\.addrs`"),
     ],
     ids=["seq-str", "load-bool", "peer-int", "job-str", "software-nil", "v-float", "addrs-str"],
 )
@@ -167,8 +169,8 @@ def test_wrong_field_type(fields: dict[str, Any], match: str) -> None:
         ({**HEARTBEAT, "v": 65536}, r"Expected `int` <= 65535 - at `\$\.v`"),
         ({**CHANNEL_ACCEPT, "job": JOB[:15]}, r"Expected `bytes` of length >= 16 - at `\$\.job`"),
         ({**CHANNEL_ACCEPT, "token": TOKEN + b"!"}, r"Expected `bytes` of length <= 32 - at `\$\.token`"),
-        ({**OFFER, "addrs": ["/a"] * 9}, r"Expected `array` of length <= 8 - at `\$\.addrs`"),
-        ({**OFFER, "addrs": ["ip4/1.2.3.4"]}, r"Expected `str` matching regex '\^/.*' - at `\$\.addrs\[0\]`"),
+        ({**CHANNEL_ACCEPT, "addrs": ["/a"] * 9}, r"Expected `array` of length <= 8 - at `\$\.addrs`"),
+        ({**CHANNEL_ACCEPT, "addrs": ["ip4/1.2.3.4"]}, r"Expected `str` matching regex '\^/.*' - at `\$\.addrs\[0\]`"),
         ({"kind": "error", "code": "Bad-Code", "message": "x"}, r"Expected `str` matching .* - at `\$\.code`"),
         ({"kind": "error", "code": "x", "message": "m" * 1025}, r"Expected `str` of length <= 1024 - at `\$\.message`"),
         ({**HELLO, "software": "s" * 257}, r"Expected `str` of length <= 256 - at `\$\.software`"),
@@ -203,7 +205,7 @@ def test_out_of_range_value(fields: dict[str, Any], match: str) -> None:
         ({k: v for k, v in HEARTBEAT.items() if k != "load"}, "load"),
         ({"kind": "hello", "role": "worker"}, "software"),
         ({k: v for k, v in CHANNEL_ACCEPT.items() if k != "token"}, "token"),
-        (OFFER, "addrs"),
+        (OFFER, "nonce"),
     ],
 )
 def test_missing_required_field(fields: dict[str, Any], name: str) -> None:
@@ -385,13 +387,13 @@ def test_invalid_utf8_is_a_wire_error(data: bytes) -> None:
 def test_error_messages_name_the_path() -> None:
     """Errors inside a list say which element: a peer can tell which address it sent was bad."""
     with pytest.raises(WireError, match=r"Expected `str` matching regex '\^/.*' - at `\$\.addrs\[2\]`"):
-        decode_message(raw({**OFFER, "addrs": ["/ok", "/ok", "bad"]}))
+        decode_message(raw({**CHANNEL_ACCEPT, "addrs": ["/ok", "/ok", "bad"]}))
 
 
 @pytest.mark.parametrize("addr", ["/ip4/1.2.3.4\n", "/ip4/1.2.3.4 /tcp/1", "/ip4/\x00", "/"])
 def test_multiaddrs_refuse_whitespace_control_chars_and_emptiness(addr: str) -> None:
     with pytest.raises(WireError, match=r"addrs\[0\]"):
-        decode_message(raw({**OFFER, "addrs": [addr]}))
+        decode_message(raw({**CHANNEL_ACCEPT, "addrs": [addr]}))
 
 
 def test_capability_with_more_free_than_total_memory_is_refused() -> None:

@@ -43,7 +43,6 @@ from typing import Literal
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -51,6 +50,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.rcmgr.metrics import Direction
 
 from tensorlink.p2p.host import make_host, reset_stream, serve_protocol
+from tensorlink.p2p.streams import StreamError, close_stream, is_relayed_stream, read_message, write_message
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import (
     DialBackProbe,
@@ -58,8 +58,6 @@ from tensorlink.wire.messages import (
     DialBackResponse,
     ErrorReply,
     Message,
-    decode_message,
-    encode_message,
 )
 
 log = logging.getLogger(__name__)
@@ -212,41 +210,6 @@ class _TokenBuckets:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Framing: a 4-byte big-endian length, then one msgpack control message
-
-
-class _StreamError(Exception):
-    pass
-
-
-async def _write(stream: INetStream, msg: Message) -> None:
-    data = encode_message(msg)
-    await stream.write(len(data).to_bytes(4, "big") + data)
-
-
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = await stream.read(n - len(buf))
-        except Exception as exc:  # StreamEOF, StreamReset, ...
-            raise _StreamError(f"stream ended after {len(buf)} of {n} bytes ({type(exc).__name__})") from None
-        if not chunk:
-            raise _StreamError(f"stream ended after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _read(stream: INetStream, *expect: type[Message]) -> Message:
-    size = int.from_bytes(await _read_exactly(stream, 4), "big")
-    if size > MAX_FRAME:
-        raise _StreamError(f"message of {size} bytes announced, more than {MAX_FRAME}")
-    msg = decode_message(await _read_exactly(stream, size))
-    if expect and not isinstance(msg, expect):
-        raise _StreamError(f"unexpected {type(msg).__name__}")
-    return msg
-
-
 def _parse_server(server: str) -> tuple[ID, multiaddr.Multiaddr | None]:
     """(peer id, address without /p2p or None) of a peer id or a full multiaddr ending in /p2p/<id>."""
     try:
@@ -259,17 +222,6 @@ def _parse_server(server: str) -> tuple[ID, multiaddr.Multiaddr | None]:
         raise ValueError(f"{server!r} is neither a peer id nor a multiaddr ending in /p2p/<id> ({exc})") from None
 
 
-def _is_relayed(stream: INetStream) -> bool:
-    """Whether the stream runs over a relay circuit; True when that cannot be told."""
-    conn = stream.muxed_conn
-    try:
-        if conn.get_connection_type() == ConnectionType.RELAYED:
-            return True
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
-    except Exception:
-        return True
-
-
 def _is_inbound(host: IHost, stream: INetStream) -> bool:
     """Whether the stream's connection was dialled by the remote side (accepted by our listener)."""
     try:
@@ -279,14 +231,6 @@ def _is_inbound(host: IHost, stream: INetStream) -> bool:
     except Exception:
         pass
     return False
-
-
-async def _close(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.close()
-        except Exception:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,9 +321,9 @@ class DialBack:
                     if server_addr is not None and not self.host.get_network().get_connections(server_id):
                         await self.host.connect(PeerInfo(server_id, [server_addr]))
                     stream = await self.host.new_stream(server_id, [PROTOCOL])
-                    await _write(stream, DialBackRequest(nonce=nonce, addrs=addrs[:8]))
-                    reply = await _read(stream, DialBackResponse, ErrorReply)
-                except (_StreamError, WireError) as exc:
+                    await write_message(stream, DialBackRequest(nonce=nonce, addrs=addrs[:8]))
+                    reply = await read_message(stream, DialBackResponse, ErrorReply, max_bytes=MAX_FRAME)
+                except (StreamError, WireError) as exc:
                     return DialBackResult(server, "error", detail=str(exc))
                 except Exception as exc:
                     return DialBackResult(server, "error", detail=f"{type(exc).__name__}: {exc}")
@@ -402,20 +346,20 @@ class DialBack:
         finally:
             self._pending.pop(nonce, None)
             if stream is not None:
-                await _close(stream)
+                await close_stream(stream)
 
     async def _answer_probe(self, stream: INetStream) -> None:
         """A prober dialled us: echo its nonce if it is one we are waiting on."""
         try:
             with trio.fail_after(self.config.io_timeout_s):
-                probe = await _read(stream, DialBackProbe)
+                probe = await read_message(stream, DialBackProbe, max_bytes=MAX_FRAME)
                 assert isinstance(probe, DialBackProbe)
                 pending = self._pending.get(probe.nonce)
                 remote = stream.muxed_conn.peer_id
                 if (
                     pending is None
                     or remote == pending.server
-                    or _is_relayed(stream)
+                    or is_relayed_stream(stream)
                     or not _is_inbound(self.host, stream)
                 ):
                     # Unknown nonce; or not a fresh direct connection dialled to us: the one our request
@@ -424,12 +368,12 @@ class DialBack:
                     return
                 pending.probed_from = remote.to_base58()
                 pending.probed.set()
-                await _write(stream, probe)
+                await write_message(stream, probe)
         except Exception as exc:  # timeouts, bad frames, resets: drop it
             log.debug("dial-back probe dropped: %s", exc)
             await reset_stream(stream)
             return
-        await _close(stream)
+        await close_stream(stream)
 
     # -------------------------------------------------------------------------------- server side
 
@@ -437,16 +381,16 @@ class DialBack:
         requester = stream.muxed_conn.peer_id
         try:
             with trio.fail_after(self.config.io_timeout_s):
-                request = await _read(stream, DialBackRequest)
+                request = await read_message(stream, DialBackRequest, max_bytes=MAX_FRAME)
             assert isinstance(request, DialBackRequest)
             reply = await self._decide(stream, requester, request)
             with trio.fail_after(self.config.io_timeout_s):
-                await _write(stream, reply)
+                await write_message(stream, reply)
         except Exception as exc:  # timeouts, bad frames, resets: drop it
             log.debug("dial-back request from %s dropped: %s", requester, exc)
             await reset_stream(stream)
             return
-        await _close(stream)
+        await close_stream(stream)
 
     def _refuse(self, code: str, message: str) -> ErrorReply:
         self.refused_requests += 1
@@ -455,7 +399,7 @@ class DialBack:
     async def _decide(self, stream: INetStream, requester: ID, request: DialBackRequest) -> Message:
         if self.prober is None:
             return self._refuse("not_serving", "this node does not serve dial-backs")
-        if _is_relayed(stream):
+        if is_relayed_stream(stream):
             return self._refuse("relayed", "request came through a relay; cannot tell your address")
         remote = stream.get_remote_address()
         if not remote:
@@ -520,10 +464,10 @@ class DialBack:
                             return
                         stream = await prober.new_stream(peer, [PROBE_PROTOCOL])
                         try:
-                            await _write(stream, DialBackProbe(nonce=nonce))
-                            echo = await _read(stream, DialBackProbe)
+                            await write_message(stream, DialBackProbe(nonce=nonce))
+                            echo = await read_message(stream, DialBackProbe, max_bytes=MAX_FRAME)
                         finally:
-                            await _close(stream)
+                            await close_stream(stream)
                         if isinstance(echo, DialBackProbe) and echo.nonce == nonce:
                             answered.append(target)
                             cancel.cancel()

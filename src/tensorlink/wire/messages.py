@@ -94,21 +94,33 @@ class JobRecord(Message, tag="job_record"):
 
 
 class ChannelOffer(Message, tag="channel_offer"):
-    """Opens a data-plane channel for a job: the offerer's ephemeral key, a one-time token, its addresses."""
+    """Opens a data-plane channel for a job (tensorlink.transport): the opener's ephemeral X25519 key and
+    a fresh nonce, both bound into the channel keys."""
 
     job: JobId
     ephemeral_key: Key32
-    token: Key32
-    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=8)]
-    max_bytes: ClassVar[int] = 8192
+    nonce: Key32
+    max_bytes: ClassVar[int] = 512
 
 
 class ChannelAccept(Message, tag="channel_accept"):
-    """Answer to a ChannelOffer: the acceptor's ephemeral key and the token echoed back."""
+    """Answer to a ChannelOffer: the acceptor's ephemeral key, a one-time token the opener must present
+    (sealed) on the direct TCP connection, and the acceptor's data-plane addresses (empty: no direct
+    path is offered, the libp2p stream carries the frames)."""
 
     job: JobId
     ephemeral_key: Key32
     token: Key32
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=8)] = []
+    max_bytes: ClassVar[int] = 8192
+
+
+class ChannelSelect(Message, tag="channel_select"):
+    """The opener's choice after trying the direct path: ``direct`` (the TCP connection is up and
+    authenticated, the stream closes) or the libp2p stream itself carries the frames."""
+
+    direct: bool
+    reason: ShortText = ""
     max_bytes: ClassVar[int] = 512
 
 
@@ -162,6 +174,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     JobRecord,
     ChannelOffer,
     ChannelAccept,
+    ChannelSelect,
     ErrorReply,
     DialBackRequest,
     DialBackProbe,

@@ -1,0 +1,289 @@
+#include "sealed_socket.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <system_error>
+
+#include "checksum.h"
+
+namespace tl {
+#ifndef TL_AEAD_CIPHER
+#define TL_AEAD_CIPHER EVP_aes_256_gcm
+#endif
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Deadline {
+  explicit Deadline(double timeout_s)
+      : forever(timeout_s < 0),
+        end(Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                               std::chrono::duration<double>(forever ? 0.0 : timeout_s))) {}
+  double seconds_left() const {
+    if (forever) return -1.0;
+    return std::max(0.0, std::chrono::duration<double>(end - Clock::now()).count());
+  }
+  int poll_ms(const char* what) const {
+    if (forever) return -1;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - Clock::now()).count();
+    if (left <= 0) throw TimeoutExpired(std::string(what) + " timed out");
+    return left > INT_MAX ? INT_MAX : static_cast<int>(left);
+  }
+  bool forever;
+  Clock::time_point end;
+};
+
+void wait_for(int fd, short events, const Deadline& deadline, const SignalCheck& on_signal, const char* what) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int r = ::poll(&p, 1, deadline.poll_ms(what));
+    if (r > 0) return;  // ready, or an error the next syscall reports
+    if (r == 0) continue;
+    if (errno == EINTR) {
+      on_signal();
+      continue;
+    }
+    throw std::system_error(errno, std::generic_category(), std::string(what) + ": poll");
+  }
+}
+
+[[noreturn]] void openssl_failed(const char* what) { throw std::runtime_error(std::string("OpenSSL: ") + what); }
+
+}  // namespace
+
+Aead::Aead(const uint8_t* key, bool encrypt) : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
+  if (!ctx_) openssl_failed("EVP_CIPHER_CTX_new");
+  int ok = encrypt ? EVP_EncryptInit_ex(ctx_, TL_AEAD_CIPHER(), nullptr, key, nullptr)
+                   : EVP_DecryptInit_ex(ctx_, TL_AEAD_CIPHER(), nullptr, key, nullptr);
+  if (ok != 1) {
+    EVP_CIPHER_CTX_free(ctx_);
+    openssl_failed("AES-256-GCM key setup");
+  }
+}
+
+Aead::~Aead() { EVP_CIPHER_CTX_free(ctx_); }
+
+void Aead::next_nonce(uint8_t* iv) {
+  if (counter_ == UINT64_MAX) throw ChannelBroken("record counter exhausted; open a new channel");
+  std::memset(iv, 0, 4);
+  for (int i = 0; i < 8; ++i) iv[4 + i] = static_cast<uint8_t>(counter_ >> (8 * i));
+  ++counter_;
+}
+
+void Aead::seal(const uint8_t* in, size_t n, uint8_t* out, uint8_t* tag) {
+  uint8_t iv[12];
+  next_nonce(iv);
+  int len = 0;
+  if (EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) openssl_failed("set nonce");
+  if (n > 0 && EVP_EncryptUpdate(ctx_, out, &len, in, static_cast<int>(n)) != 1) openssl_failed("encrypt");
+  if (EVP_EncryptFinal_ex(ctx_, out + len, &len) != 1) openssl_failed("encrypt final");
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kSealTag, tag) != 1) openssl_failed("get tag");
+}
+
+bool Aead::open(uint8_t* data, size_t n, const uint8_t* tag) {
+  uint8_t iv[12];
+  next_nonce(iv);
+  int len = 0;
+  if (EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) openssl_failed("set nonce");
+  if (n > 0 && EVP_DecryptUpdate(ctx_, data, &len, data, static_cast<int>(n)) != 1) openssl_failed("decrypt");
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kSealTag, const_cast<uint8_t*>(tag)) != 1)
+    openssl_failed("set tag");
+  return EVP_DecryptFinal_ex(ctx_, data + len, &len) == 1;
+}
+
+SealedSocket::SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_key, std::shared_ptr<BufferPool> pool,
+                           uint64_t max_payload, bool verify_crc)
+    : fd_(fd),
+      pool_(std::move(pool)),
+      max_payload_(max_payload),
+      verify_crc_(verify_crc),
+      sealer_(send_key, true),
+      scratch_(kSealChunk + kSealTag),
+      opener_(recv_key, false) {}
+
+void SealedSocket::fail(const std::string& why) {
+  std::lock_guard<std::mutex> lock(reason_mu_);
+  if (broken_.load()) return;
+  broken_reason_ = why;
+  broken_.store(true);
+  ::shutdown(fd_, SHUT_RDWR);
+}
+
+std::string SealedSocket::broken_reason() const {
+  std::lock_guard<std::mutex> lock(reason_mu_);
+  return broken_reason_;
+}
+
+void SealedSocket::check_usable() const {
+  if (broken_.load()) throw ChannelBroken("channel is closed: " + broken_reason());
+}
+
+void SealedSocket::shutdown(const std::string& why) { fail(why); }
+
+void SealedSocket::start_send(const uint8_t* header, const uint8_t* payload, size_t payload_len) {
+  check_usable();
+  if (send_active_) throw std::logic_error("a frame is already being sent on this channel");
+  std::memcpy(send_header_, header, kHeaderSize);
+  send_payload_ = payload;
+  send_len_ = payload_len;
+  send_next_ = 0;
+  header_sent_ = false;
+  rec_len_ = rec_off_ = 0;
+  send_active_ = true;
+}
+
+// Seals the next record of the queued frame into scratch_; false when the frame is complete.
+bool SealedSocket::next_send_record() {
+  if (!header_sent_) {
+    sealer_.seal(send_header_, kHeaderSize, scratch_.data(), scratch_.data() + kHeaderSize);
+    rec_len_ = kHeaderSize + kSealTag;
+    header_sent_ = true;
+  } else if (send_next_ < send_len_) {
+    size_t n = std::min(kSealChunk, send_len_ - send_next_);
+    sealer_.seal(send_payload_ + send_next_, n, scratch_.data(), scratch_.data() + n);
+    send_next_ += n;
+    rec_len_ = n + kSealTag;
+  } else {
+    return false;
+  }
+  rec_off_ = 0;
+  return true;
+}
+
+bool SealedSocket::pump_send(bool blocking, double timeout_s, const SignalCheck& on_signal) {
+  check_usable();
+  if (!send_active_) return true;
+  Deadline deadline(timeout_s);
+  try {
+    for (;;) {
+      if (rec_off_ == rec_len_ && !next_send_record()) {
+        send_active_ = false;
+        send_payload_ = nullptr;
+        ++frames_sent_;
+        return true;
+      }
+      ssize_t r = ::send(fd_, scratch_.data() + rec_off_, rec_len_ - rec_off_, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (r > 0) {
+        rec_off_ += static_cast<size_t>(r);
+        bytes_sent_ += static_cast<uint64_t>(r);
+        continue;
+      }
+      if (r < 0 && errno == EINTR) {
+        on_signal();
+        continue;
+      }
+      if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (!blocking) return false;
+        wait_for(fd_, POLLOUT, deadline, on_signal, "send");
+        continue;
+      }
+      if (r < 0 && (errno == EPIPE || errno == ECONNRESET))
+        throw ConnectionClosed("peer closed the channel while a frame was being sent");
+      throw std::system_error(errno, std::generic_category(), "send");
+    }
+  } catch (const TimeoutExpired&) {
+    throw;  // the frame is still queued; the caller may pump again
+  } catch (const std::exception& e) {
+    fail(e.what());
+    throw;
+  }
+}
+
+RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal) {
+  check_usable();
+  if (recv_ready_) return RecvStatus::FrameReady;
+  Deadline deadline(timeout_s);
+  try {
+    for (;;) {
+      // Where the next bytes go: the header record, or the current payload chunk and then its tag.
+      iovec iov[2];
+      int n_iov = 0;
+      if (!recv_have_header_) {
+        iov[n_iov++] = {recv_hdr_ + recv_hdr_got_, sizeof(recv_hdr_) - recv_hdr_got_};
+      } else {
+        if (!recv_buf_) {
+          try {
+            recv_buf_ = pool_->acquire(recv_h_.payload_len, blocking ? deadline.seconds_left() : 0.0);
+          } catch (const PoolExhausted&) {
+            if (!blocking) return RecvStatus::NeedPool;
+            throw;
+          }
+        }
+        size_t chunk = std::min(kSealChunk, static_cast<size_t>(recv_h_.payload_len) - recv_chunk_start_);
+        uint8_t* base = static_cast<uint8_t*>(recv_buf_->data()) + recv_chunk_start_;
+        if (recv_chunk_got_ < chunk) iov[n_iov++] = {base + recv_chunk_got_, chunk - recv_chunk_got_};
+        size_t tag_got = recv_chunk_got_ > chunk ? recv_chunk_got_ - chunk : 0;
+        iov[n_iov++] = {recv_tag_ + tag_got, kSealTag - tag_got};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = n_iov;
+      ssize_t r = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+      if (r == 0) throw ConnectionClosed(receiving() ? "peer closed the channel in the middle of a frame"
+                                                     : "peer closed the channel");
+      if (r < 0) {
+        if (errno == EINTR) {
+          on_signal();
+          continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!blocking) return RecvStatus::NeedData;
+          wait_for(fd_, POLLIN, deadline, on_signal, "recv");
+          continue;
+        }
+        if (errno == ECONNRESET) throw ConnectionClosed("peer reset the channel");
+        throw std::system_error(errno, std::generic_category(), "recv");
+      }
+      bytes_received_ += static_cast<uint64_t>(r);
+      if (!recv_have_header_) {
+        recv_hdr_got_ += static_cast<size_t>(r);
+        if (recv_hdr_got_ < sizeof(recv_hdr_)) continue;
+        if (!opener_.open(recv_hdr_, kHeaderSize, recv_hdr_ + kHeaderSize))
+          throw AuthError("frame header failed authentication (tampered, replayed or wrong key)");
+        recv_h_ = decode_header(recv_hdr_, kHeaderSize, max_payload_);  // validated before allocating
+        recv_have_header_ = true;
+        recv_chunk_start_ = recv_chunk_got_ = 0;
+        recv_crc_ = 0;
+      } else {
+        recv_chunk_got_ += static_cast<size_t>(r);
+        size_t chunk = std::min(kSealChunk, static_cast<size_t>(recv_h_.payload_len) - recv_chunk_start_);
+        if (recv_chunk_got_ < chunk + kSealTag) continue;
+        uint8_t* base = static_cast<uint8_t*>(recv_buf_->data()) + recv_chunk_start_;
+        if (!opener_.open(base, chunk, recv_tag_))
+          throw AuthError("payload chunk at offset " + std::to_string(recv_chunk_start_) +
+                          " failed authentication (tampered, replayed or wrong key)");
+        if (verify_crc_) recv_crc_ = crc32c(recv_crc_, base, chunk);  // while the chunk is in cache
+        recv_chunk_start_ += chunk;
+        recv_chunk_got_ = 0;
+      }
+      if (recv_have_header_ && recv_chunk_start_ == recv_h_.payload_len) {
+        if (verify_crc_ && recv_crc_ != recv_h_.payload_crc)
+          throw ChecksumError("payload checksum mismatch after decryption (the sender framed corrupt data)");
+        recv_ready_ = true;
+        ++frames_received_;
+        return RecvStatus::FrameReady;
+      }
+    }
+  } catch (const TimeoutExpired&) {
+    throw;  // partial progress is kept; the caller may pump again
+  } catch (const std::exception& e) {
+    fail(e.what());
+    throw;
+  }
+}
+
+std::pair<FrameHeader, std::unique_ptr<PooledBuffer>> SealedSocket::take_frame() {
+  if (!recv_ready_) throw std::logic_error("no complete frame to take");
+  recv_ready_ = false;
+  recv_have_header_ = false;
+  recv_hdr_got_ = 0;
+  return {recv_h_, std::move(recv_buf_)};
+}
+
+}  // namespace tl

@@ -1,0 +1,72 @@
+"""Control messages on libp2p streams: a 4-byte big-endian length, then one msgpack message.
+
+Shared by every request/response protocol of the node (dial-back, data-plane channel set-up), so each
+reads with the same caps and fails with the same StreamError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from libp2p.connection_types import ConnectionType
+
+from tensorlink.wire.messages import MAX_MESSAGE_BYTES, Message, decode_message, encode_message
+
+
+class StreamError(Exception):
+    """The stream ended early, announced an oversized message or sent one of the wrong kind."""
+
+
+async def write_message(stream: Any, msg: Message) -> None:
+    data = encode_message(msg)
+    await stream.write(len(data).to_bytes(4, "big") + data)
+
+
+async def read_exactly(stream: Any, n: int) -> bytes:
+    """Exactly n bytes from the stream; StreamError if it ends (EOF or reset) first."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except Exception as exc:  # StreamEOF, StreamReset, ...
+            raise StreamError(f"stream ended after {len(buf)} of {n} bytes ({type(exc).__name__})") from None
+        if not chunk:
+            raise StreamError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_message(stream: Any, *expect: type[Message], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """One length-prefixed message, of one of the ``expect`` kinds when any are given."""
+    size = int.from_bytes(await read_exactly(stream, 4), "big")
+    if size > max_bytes:
+        raise StreamError(f"message of {size} bytes announced, more than {max_bytes}")
+    msg = decode_message(await read_exactly(stream, size))
+    if expect and not isinstance(msg, expect):
+        raise StreamError(f"unexpected {type(msg).__name__}")
+    return msg
+
+
+def is_relayed_stream(stream: Any) -> bool:
+    """Whether the stream runs over a relay circuit; True when that cannot be told."""
+    conn = stream.muxed_conn
+    try:
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return True
+        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return True
+
+
+def remote_peer(stream: Any) -> str:
+    """The authenticated peer id (base58) on the other end of a stream."""
+    return stream.muxed_conn.peer_id.to_base58()
+
+
+async def close_stream(stream: Any, timeout: float = 1.0) -> None:
+    """Close politely, bounded in time; errors are ignored (the peer may be gone)."""
+    with trio.move_on_after(timeout):
+        try:
+            await stream.close()
+        except Exception:
+            pass
