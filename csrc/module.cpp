@@ -353,13 +353,16 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("blocking"), py::arg("timeout") = py::none(),
            "Move bytes of the queued frame; True once all of it is on the socket. Non-blocking calls return "
            "False when the socket is full; blocking ones wait up to timeout (None: forever).")
-      .def("pump_recv", [](PySealedSocket& s, bool blocking, const py::object& timeout) {
+      .def("pump_recv", [](PySealedSocket& s, bool blocking, const py::object& timeout, uint64_t max_inline) {
         double t = timeout_or_forever(timeout);
         py::gil_scoped_release nogil;
-        return static_cast<int>(s.sock.pump_recv(blocking, t, check_signals));
-      }, py::arg("blocking"), py::arg("timeout") = py::none(),
+        return static_cast<int>(s.sock.pump_recv(blocking, t, check_signals, max_inline));
+      }, py::arg("blocking"), py::arg("timeout") = py::none(), py::arg("max_inline") = UINT64_MAX,
            "Move bytes of the incoming frame: 0 needs more data, 1 a frame is ready (take_frame), 2 the pool "
-           "is full (only without blocking).")
+           "is full (only without blocking). Without blocking, a header announcing more than max_inline "
+           "payload bytes returns 0 at once (see incoming) so the payload can be moved in a thread.")
+      .def_property_readonly("incoming", [](const PySealedSocket& s) { return s.sock.incoming(); },
+                             "Payload bytes of the frame being received once its header is in, else 0.")
       .def("take_frame", [](PySealedSocket& s) {
         auto [h, buf] = s.sock.take_frame();
         return py::make_tuple(h, buf ? py::cast(std::move(buf)) : py::none());

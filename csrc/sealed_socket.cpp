@@ -195,7 +195,7 @@ bool SealedSocket::pump_send(bool blocking, double timeout_s, const SignalCheck&
   }
 }
 
-RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal) {
+RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal, uint64_t max_inline) {
   check_usable();
   if (recv_ready_) return RecvStatus::FrameReady;
   Deadline deadline(timeout_s);
@@ -250,6 +250,7 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
         recv_have_header_ = true;
         recv_chunk_start_ = recv_chunk_got_ = 0;
         recv_crc_ = 0;
+        if (!blocking && recv_h_.payload_len > max_inline) return RecvStatus::NeedData;
       } else {
         recv_chunk_got_ += static_cast<size_t>(r);
         size_t chunk = std::min(kSealChunk, static_cast<size_t>(recv_h_.payload_len) - recv_chunk_start_);

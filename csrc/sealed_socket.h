@@ -84,7 +84,11 @@ class SealedSocket {
   // Moves bytes of the incoming frame; FrameReady leaves it for take_frame() (a null buffer for an empty
   // payload). NeedPool (non-blocking
   // only) means the pool is full and a blocking pump must wait for space.
-  RecvStatus pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal);
+  // max_inline (non-blocking only): once a header announces a larger payload, return NeedData at once so
+  // the caller can move the payload off its event loop.
+  RecvStatus pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal, uint64_t max_inline = UINT64_MAX);
+  // Payload bytes of the frame being received once its header is in, else 0.
+  uint64_t incoming() const { return recv_have_header_ ? recv_h_.payload_len : 0; }
   bool receiving() const { return recv_hdr_got_ > 0 || recv_buf_ != nullptr; }
   std::pair<FrameHeader, std::unique_ptr<PooledBuffer>> take_frame();
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import trio
 from libp2p.connection_types import ConnectionType
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 
 from tensorlink.wire.messages import MAX_MESSAGE_BYTES, Message, decode_message, encode_message
 
@@ -70,3 +72,12 @@ async def close_stream(stream: Any, timeout: float = 1.0) -> None:
             await stream.close()
         except Exception:
             pass
+
+
+async def open_stream(host: Any, peer: str, protocol: str) -> Any:
+    """A new stream to a connected (or dialable) peer, by base58 peer id."""
+    return await host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+
+
+def own_peer_id(host: Any) -> str:
+    return host.get_id().to_base58()
