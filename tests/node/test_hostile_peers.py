@@ -30,6 +30,7 @@ PROTOCOLS = [
     "/meshsub/1.2.0",
     "/meshsub/1.1.0",
     "/tensorlink/dialback/1.0.0",
+    "/tensorlink/channel/1.0.0",
     "/ipfs/id/1.0.0",
 ]
 PAYLOADS = [

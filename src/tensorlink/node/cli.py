@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "cuda"],
         help="device that runs stages (default: cuda when a GPU is present, else cpu)",
     )
+    p.add_argument(
+        "--data-port",
+        type=int,
+        metavar="PORT",
+        help="TCP port for direct, encrypted tensor channels with other nodes; open it in your firewall "
+        "for full speed (default: any free port; without it channels run over libp2p, ~20x slower)",
+    )
+    p.add_argument(
+        "--no-direct-channels",
+        dest="direct_channels",
+        action="store_const",
+        const=False,
+        help="never open direct tensor channels; move tensors over libp2p streams only",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "status_port": args.status_port,
         "max_memory_gb": args.max_memory_gb,
         "device": args.device,
+        "data_port": args.data_port,
+        "direct_channels": args.direct_channels,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,11 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # How long a published record lives without a refresh; the node refreshes at a third of it.
     record_ttl_s: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 60.0
     heartbeat_s: Annotated[float, msgspec.Meta(ge=0.2, le=300)] = 5.0
+    # Data plane: TCP port for direct tensor channels (0: any free port; peers learn it at channel
+    # set-up), and whether to offer and try direct channels at all (off: libp2p streams only).
+    data_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    direct_channels: bool = True
+    channel_memory_gb: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
 
 
 def default_data_dir() -> Path:

@@ -28,6 +28,7 @@ from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
 from tensorlink.p2p.reachability import DialBack, Reachability, open_dial_back
 from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, VerifiedRecord
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
+from tensorlink.transport import ChannelService, TransportConfig
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,15 @@ class Node:
         check_bootstrap(config.bootstrap)
         self.host = make_host(self.key_pair, announce=config.announce, psk_hex=config.network_key)
         self.directory = Directory(self.host, self.key_pair, server=True)
+        self.channels = ChannelService(
+            self.host,
+            TransportConfig(
+                listen_ip=_listen_ip(self.listen[0]),
+                data_port=config.data_port,
+                direct=config.direct_channels,
+                pool_bytes=int(config.channel_memory_gb * (1 << 30)),
+            ),
+        )
         self.gossip = Gossip(self.host)
         self.capability: Any = None  # selfbench.Capability on workers
         self.reachability = Reachability.UNKNOWN
@@ -110,6 +120,12 @@ class Node:
             "workers": _live_views(self.workers, now),
             "validators": _live_views(self.validators, now),
             "heartbeats": {peer: round(now - seen, 1) for peer, seen in self.last_heartbeat.items()},
+            "data_plane": {
+                "port": self.channels.data_port,
+                "direct": self.channels.offer_direct,
+                "addrs": self.channels.data_addrs(),
+                "channels": self.channels.status(),
+            },
             "stages": [],  # filled by the worker runtime once stages are hosted
             "jobs": [],
             "capability": None if self.capability is None else self.capability.__dict__,
@@ -156,6 +172,7 @@ class Node:
             trio.open_nursery() as nursery,
         ):
             port = await nursery.start(self.status_server.serve, self.config.status_port)
+            await nursery.start(self.channels.serve)
             joined = trio.Event()
             nursery.start_soon(self._join, joined)
             with trio.move_on_after(BOOTSTRAP_WAIT_S if self.config.bootstrap else 0):
@@ -190,6 +207,8 @@ class Node:
         if report.status is Reachability.UNKNOWN:
             return  # nobody answered: keep what we had
         self.reachability = report.status
+        # Behind NAT nobody can reach our data port: offer no direct channels (ours to others still work).
+        self.channels.offer_direct = self.config.direct_channels and report.status is not Reachability.PRIVATE
         await self.directory.set_server_mode(report.status is Reachability.PUBLIC)
         if report.status is Reachability.PRIVATE:
             await self._reserve_relay()
@@ -333,6 +352,13 @@ class Node:
         confirmed = sum(1 for r in report.results if r.outcome == "confirmed")
         return f"{self.reachability.value} (dial-back by {len(report.results)} peer(s), {confirmed} reached us)"
 
+    def _data_plane_line(self) -> str:
+        if not self.config.direct_channels:
+            return "libp2p streams only (--no-direct-channels)"
+        if not self.channels.offer_direct:
+            return f"tcp port {self.channels.data_port} (not offered: behind NAT, peers use libp2p streams)"
+        return f"tcp port {self.channels.data_port}, AES-256-GCM, libp2p streams where no direct path exists"
+
     def _print_banner(self, status_port: int) -> None:
         lines = [
             "TensorLink node running",
@@ -340,6 +366,7 @@ class Node:
             f"  role:         {self.config.role}",
             *(f"  listening:    {a}" for a in self.addrs()),
             f"  reachability: {self._reachability_line()}",
+            f"  data plane:   {self._data_plane_line()}",
         ]
         if self.capability:
             c = self.capability
@@ -355,6 +382,16 @@ class Node:
             lines.append(f"      python -m tensorlink.node --bootstrap {addr}")
         lines.append(f"  status:       http://127.0.0.1:{status_port}/status")  # last: tests wait for it
         print("\n".join(lines), flush=True)
+
+
+def _listen_ip(addr: Any) -> str:
+    """The IP of the first libp2p listen address: the data plane listens there too."""
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(addr.value_for_protocol(proto))
+        except Exception:
+            continue
+    return "0.0.0.0"
 
 
 def _live_views(records: dict[str, VerifiedRecord], now: float) -> list[dict[str, Any]]:
