@@ -13,10 +13,7 @@
 #include "checksum.h"
 
 namespace tl {
-#ifndef TL_AEAD_CIPHER
-#define TL_AEAD_CIPHER EVP_aes_256_gcm
-#endif
-namespace {
+namespace detail {
 
 using Clock = std::chrono::steady_clock;
 
@@ -39,6 +36,13 @@ struct Deadline {
   Clock::time_point end;
 };
 
+}  // namespace detail
+
+using detail::Clock;
+using detail::Deadline;
+
+namespace {
+
 void wait_for(int fd, short events, const Deadline& deadline, const SignalCheck& on_signal, const char* what) {
   for (;;) {
     pollfd p{fd, events, 0};
@@ -59,8 +63,8 @@ void wait_for(int fd, short events, const Deadline& deadline, const SignalCheck&
 
 Aead::Aead(const uint8_t* key, bool encrypt) : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
   if (!ctx_) openssl_failed("EVP_CIPHER_CTX_new");
-  int ok = encrypt ? EVP_EncryptInit_ex(ctx_, TL_AEAD_CIPHER(), nullptr, key, nullptr)
-                   : EVP_DecryptInit_ex(ctx_, TL_AEAD_CIPHER(), nullptr, key, nullptr);
+  int ok = encrypt ? EVP_EncryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr)
+                   : EVP_DecryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr);
   if (ok != 1) {
     EVP_CIPHER_CTX_free(ctx_);
     openssl_failed("AES-256-GCM key setup");
@@ -190,6 +194,7 @@ bool SealedSocket::pump_send(bool blocking, double timeout_s, const SignalCheck&
   } catch (const TimeoutExpired&) {
     throw;  // the frame is still queued; the caller may pump again
   } catch (const std::exception& e) {
+    if (broken_.load()) throw ChannelBroken("channel is closed: " + broken_reason());  // woken by shutdown()
     fail(e.what());
     throw;
   }
@@ -208,12 +213,8 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
         iov[n_iov++] = {recv_hdr_ + recv_hdr_got_, sizeof(recv_hdr_) - recv_hdr_got_};
       } else {
         if (!recv_buf_) {
-          try {
-            recv_buf_ = pool_->acquire(recv_h_.payload_len, blocking ? deadline.seconds_left() : 0.0);
-          } catch (const PoolExhausted&) {
-            if (!blocking) return RecvStatus::NeedPool;
-            throw;
-          }
+          recv_buf_ = acquire_payload_buffer(blocking, deadline);
+          if (!recv_buf_) return RecvStatus::NeedPool;
         }
         size_t chunk = std::min(kSealChunk, static_cast<size_t>(recv_h_.payload_len) - recv_chunk_start_);
         uint8_t* base = static_cast<uint8_t*>(recv_buf_->data()) + recv_chunk_start_;
@@ -274,8 +275,30 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
   } catch (const TimeoutExpired&) {
     throw;  // partial progress is kept; the caller may pump again
   } catch (const std::exception& e) {
+    if (broken_.load()) throw ChannelBroken("channel is closed: " + broken_reason());  // woken by shutdown()
     fail(e.what());
     throw;
+  }
+}
+
+// The pool buffer for the payload whose header just arrived. Without blocking: null when the pool is
+// full. Blocking: waits in short slices so that shutdown() from another thread is noticed, and a timeout
+// keeps the header (the caller may pump again). A payload that can never fit is an error at once.
+std::unique_ptr<PooledBuffer> SealedSocket::acquire_payload_buffer(bool blocking, const Deadline& deadline) {
+  size_t need = static_cast<size_t>(recv_h_.payload_len);
+  if (BufferPool::size_class(need) > pool_->capacity())
+    throw PoolExhausted("a frame of " + std::to_string(need) + " payload bytes can never fit this channel's " +
+                        std::to_string(pool_->capacity()) + "-byte buffer pool; give the data plane more memory");
+  for (;;) {
+    double left = blocking ? deadline.seconds_left() : 0.0;
+    double slice = left < 0 ? 0.05 : std::min(left, 0.05);
+    try {
+      return pool_->acquire(need, slice);
+    } catch (const PoolExhausted&) {
+      if (broken_.load()) throw ChannelBroken("channel is closed: " + broken_reason());
+      if (!blocking) return nullptr;
+      if (left >= 0 && left <= slice) throw TimeoutExpired("waiting for buffer pool space timed out");
+    }
   }
 }
 

@@ -46,6 +46,10 @@ struct ChannelBroken : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+namespace detail {
+struct Deadline;  // one deadline over the several waits of a pump call
+}
+
 // AES-256-GCM in one direction with counter nonces. The key schedule is set up once.
 class Aead {
  public:
@@ -79,6 +83,7 @@ class SealedSocket {
   // Moves bytes of the queued frame. blocking=false returns when the socket would block; blocking=true
   // waits (timeout_s < 0: forever). True once the whole frame is on the socket.
   bool pump_send(bool blocking, double timeout_s, const SignalCheck& on_signal);
+  // sending/receiving/incoming: read them only while no pump runs on that side.
   bool sending() const { return send_active_; }
 
   // Moves bytes of the incoming frame; FrameReady leaves it for take_frame() (a null buffer for an empty
@@ -104,6 +109,7 @@ class SealedSocket {
 
  private:
   bool next_send_record();
+  std::unique_ptr<PooledBuffer> acquire_payload_buffer(bool blocking, const detail::Deadline& deadline);
   void fail(const std::string& why);
   void check_usable() const;
 
