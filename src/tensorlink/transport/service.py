@@ -22,6 +22,7 @@ import logging
 import math
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "/tensorlink/channel/1.0.0"
 NO_JOB = bytes(16)
 MAX_HELLO_FAILURES = 3
+CLOSED_KEPT_S = 60.0  # closed channels stay in the status this long, so the reason can be read
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,17 @@ class ChannelService:
         return [f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{self.data_port}" for ip in ips[:8]]
 
     def channels(self) -> list[Channel]:
-        self._channels = [c for c in self._channels if not c.closed]
-        return list(self._channels)
+        """Open channels."""
+        return [c for c in self._channels if not c.closed]
 
     def status(self) -> list[dict[str, Any]]:
-        return [c.stats() for c in self.channels()]
+        """Open channels and those closed in the last CLOSED_KEPT_S, with the reason they closed."""
+        self._prune()
+        return [c.stats() for c in self._channels]
+
+    def _prune(self) -> None:
+        now = time.time()
+        self._channels = [c for c in self._channels if c.closed_at is None or now - c.closed_at < CLOSED_KEPT_S]
 
     # --- opening -------------------------------------------------------------------------------------
 
@@ -218,9 +226,14 @@ class ChannelService:
             return None, "the peer offers no direct address"
         if relayed:
             return None, "the control-plane connection to the peer is relayed"
-        seen = {tcp_endpoint("/".join(a.split("/")[:5])) for a in connection_addrs(self.host, peer)}
-        endpoints = [e for e in map(tcp_endpoint, addrs) if e is not None]
-        endpoints.sort(key=lambda e: 0 if any(s and s[0] == e[0] for s in seen) else 1)  # the IP we reach it on
+        # Only the IP we already reach the peer on: its other addresses are usually private ones behind
+        # a NAT, where a connect attempt just waits out the timeout.
+        reached = {
+            e[0] for e in (tcp_endpoint("/".join(a.split("/")[:5])) for a in connection_addrs(self.host, peer)) if e
+        }
+        endpoints = [e for e in map(tcp_endpoint, addrs) if e is not None and e[0] in reached]
+        if not endpoints:
+            return None, "the peer's data-plane addresses are not on the IP its connection comes from (NAT)"
         errors: list[str] = []
         for ip, port in endpoints[:3]:
             try:
@@ -336,6 +349,7 @@ class ChannelService:
             )
             await self._nursery.start(channel.run)
             log.info("channel to %s: libp2p stream over a %s connection (%s)", peer, path, why)
+        self._prune()
         self._channels.append(channel)
         return channel
 
