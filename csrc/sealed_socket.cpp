@@ -108,7 +108,7 @@ SealedSocket::SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_
       max_payload_(max_payload),
       verify_crc_(verify_crc),
       sealer_(send_key, true),
-      scratch_(kSealChunk + kSealTag),
+      scratch_(kHeaderSize + kSealTag + kSealChunk + kSealTag),
       opener_(recv_key, false) {}
 
 void SealedSocket::fail(const std::string& why) {
@@ -142,19 +142,24 @@ void SealedSocket::start_send(const uint8_t* header, const uint8_t* payload, siz
   send_active_ = true;
 }
 
-// Seals the next record of the queued frame into scratch_; false when the frame is complete.
+// Seals the next records of the queued frame into scratch_ (the header with the first chunk, then one
+// chunk at a time); false when the frame is complete.
 bool SealedSocket::next_send_record() {
+  rec_len_ = 0;
   if (!header_sent_) {
     sealer_.seal(send_header_, kHeaderSize, scratch_.data(), scratch_.data() + kHeaderSize);
     rec_len_ = kHeaderSize + kSealTag;
     header_sent_ = true;
-  } else if (send_next_ < send_len_) {
-    size_t n = std::min(kSealChunk, send_len_ - send_next_);
-    sealer_.seal(send_payload_ + send_next_, n, scratch_.data(), scratch_.data() + n);
-    send_next_ += n;
-    rec_len_ = n + kSealTag;
-  } else {
+  } else if (send_next_ >= send_len_) {
     return false;
+  }
+  // The first chunk rides with the header in one send, so a small frame reaches the receiver whole.
+  if (send_next_ < send_len_) {
+    size_t n = std::min(kSealChunk, send_len_ - send_next_);
+    uint8_t* out = scratch_.data() + rec_len_;
+    sealer_.seal(send_payload_ + send_next_, n, out, out + n);
+    send_next_ += n;
+    rec_len_ += n + kSealTag;
   }
   rec_off_ = 0;
   return true;

@@ -127,7 +127,7 @@ class SealedSocket {
   uint8_t send_header_[kHeaderSize];
   const uint8_t* send_payload_ = nullptr;
   size_t send_len_ = 0, send_next_ = 0;  // payload bytes already sealed
-  std::vector<uint8_t> scratch_;          // the record on its way out: ciphertext then tag
+  std::vector<uint8_t> scratch_;          // the records on their way out: ciphertext then tag, each
   size_t rec_len_ = 0, rec_off_ = 0;
 
   // receive side

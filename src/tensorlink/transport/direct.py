@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +23,10 @@ from tensorlink.transport.keys import ChannelKeys
 from tensorlink.wire.frame import EncodedFrame, FrameHeader
 
 INLINE_BYTES = 1 << 20
+# A receive that finds no data keeps polling through the scheduler this long before sleeping in epoll:
+# a small frame's reply usually comes within it, and waking a sleeping core (a VM's vCPU above all)
+# costs more than the round trip itself.
+SPIN_S = 200e-6
 FRAME_READY, NEED_DATA, NEED_POOL = 1, 0, 2
 T = TypeVar("T")
 
@@ -35,6 +40,7 @@ def tune_socket(sock: socket.socket) -> None:
 
 class DirectChannel(Channel):
     kind = "direct"
+    checksum = False  # every payload byte is under an AES-GCM tag; a CRC pass would only cost time
 
     def __init__(
         self,
@@ -45,15 +51,17 @@ class DirectChannel(Channel):
         job: bytes,
         pool: _C.BufferPool,
         max_payload: int,
-        verify_crc: bool = True,
     ) -> None:
         super().__init__(peer=peer, job=job, path="tcp", pool=pool, max_payload=max_payload)
         tune_socket(sock)
         self._sock = sock
-        self._sealed = _C.SealedSocket(sock.fileno(), keys.send, keys.recv, pool, max_payload, verify_crc)
+        self._sealed = _C.SealedSocket(sock.fileno(), keys.send, keys.recv, pool, max_payload, verify_crc=False)
         # The fd is closed only when no worker thread can still be inside a syscall on it.
         self._fd_lock = threading.Lock()
         self._threads = 0
+        # Threads of this channel only (its one sender and one receiver): with trio's shared default
+        # limiter, 40 sends blocked on slow peers would starve every other channel's receives.
+        self._limiter = trio.CapacityLimiter(2)
         self._close_requested = False
         try:
             ip, port = sock.getpeername()[:2]
@@ -80,6 +88,7 @@ class DirectChannel(Channel):
 
     async def _recv_frame(self) -> tuple[FrameHeader, _C.PooledBuffer | None]:
         sealed = self._sealed
+        spin_until: float | None = None
         try:
             while True:
                 status = sealed.pump_recv(False, max_inline=INLINE_BYTES)
@@ -88,7 +97,12 @@ class DirectChannel(Channel):
                 if status == NEED_POOL or sealed.incoming > INLINE_BYTES:
                     await self._in_thread(sealed.pump_recv, True)
                     break
-                await trio.lowlevel.wait_readable(self._sock)  # cancelling here loses nothing
+                if spin_until is None:
+                    spin_until = time.perf_counter() + SPIN_S
+                if time.perf_counter() < spin_until:
+                    await trio.lowlevel.checkpoint()  # other tasks run; this core stays awake and warm
+                else:
+                    await trio.lowlevel.wait_readable(self._sock)  # cancelling here loses nothing
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -112,21 +126,27 @@ class DirectChannel(Channel):
                         self._sock.close()
 
         try:
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._limiter)
         except trio.Cancelled:
             self._break("a transfer was cancelled in the middle of a frame")
             raise
 
     def _break(self, reason: str) -> None:
+        """Close the channel after a failure: the peer sees the connection end, the fd is released."""
         self._mark_closed(reason)
-        self._sealed.shutdown(reason)
+        self._close_fd()
 
     async def _close_transport(self) -> None:
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         self._sealed.shutdown(self.closed_reason or "closed")
-        if self._sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self._sock)  # tasks waiting on the fd wake with ClosedResourceError
         with self._fd_lock:
+            if self._close_requested:
+                return
             self._close_requested = True
+            if self._sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(self._sock)  # tasks waiting on the fd wake with ClosedResourceError
             if self._threads == 0:
                 self._sock.close()
 

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from tensorlink import _C
+from tensorlink.p2p.host import reset_stream
 from tensorlink.p2p.streams import StreamError, close_stream, read_exactly
 from tensorlink.transport.channel import Channel
 from tensorlink.wire.errors import ChecksumError, WireError
@@ -76,6 +77,8 @@ class StreamChannel(Channel):
             error = self._failed(exc)
             self._frames_in.send_nowait(error)
             self._credit_changed.set()
+            with trio.CancelScope(shield=True):
+                await reset_stream(self._stream)  # the peer's end must learn that the channel is gone
         finally:
             self._reader_done.set()
 
@@ -154,7 +157,8 @@ class StreamChannel(Channel):
         header, buffer, charged = item
         self._granted_unused += charged
         try:
-            await self._write(CREDIT + charged.to_bytes(8, "big"))
+            with trio.CancelScope(shield=True):  # the frame is taken: a cancel here must not drop it
+                await self._write(CREDIT + charged.to_bytes(8, "big"))
         except Exception as exc:
             raise self._failed(exc) from exc
         return header, buffer

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "/tensorlink/channel/1.0.0"
 NO_JOB = bytes(16)
 MAX_HELLO_FAILURES = 3
+MAX_UNVERIFIED = 64  # TCP connections on the data port that have not sent a valid hello yet
 CLOSED_KEPT_S = 60.0  # closed channels stay in the status this long, so the reason can be read
 
 
@@ -130,7 +131,9 @@ class ChannelService:
         self._channels: list[Channel] = []
         self._incoming_in, self._incoming_out = trio.open_memory_channel[Channel](math.inf)
         self._nursery: trio.Nursery | None = None
-        self._handshakes = trio.Semaphore(64)
+        # TCP connections that have not proven a channel yet; past the cap the oldest is dropped, so idle
+        # connections cannot hold every slot and push real channels onto the slow fallback.
+        self._unverified: dict[trio.SocketStream, trio.CancelScope] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -304,7 +307,10 @@ class ChannelService:
         self._incoming_in.send_nowait(channel)
 
     async def _on_tcp(self, tcp: trio.SocketStream) -> None:
-        async with self._handshakes:
+        with trio.CancelScope() as evicted:
+            self._unverified[tcp] = evicted
+            if len(self._unverified) > MAX_UNVERIFIED:
+                self._unverified.pop(next(iter(self._unverified))).cancel()
             try:
                 with trio.fail_after(self.config.connect_timeout_s + 2):
                     channel_id, sealed_token = parse_hello(await _receive_exactly(tcp, HELLO_BYTES))
@@ -322,6 +328,8 @@ class ChannelService:
             except (HandshakeError, EOFError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 log.info("data plane: refused a TCP connection: %s", exc)
                 return  # serve_listeners closes it
+            finally:
+                self._unverified.pop(tcp, None)
             pending.sock = socket.socket(fileno=tcp.socket.detach())
             pending.ready.set()
 

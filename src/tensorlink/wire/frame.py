@@ -72,8 +72,12 @@ def encode_frame(
     compression: Compression = Compression.NONE,
     block_size: int = DEFAULT_INT8_BLOCK,
     max_payload: int = MAX_FRAME_PAYLOAD,
+    checksum: bool = True,
 ) -> EncodedFrame:
-    """Frame a contiguous CPU tensor. Non-contiguous or GPU tensors are refused, not silently copied."""
+    """Frame a contiguous CPU tensor. Non-contiguous or GPU tensors are refused, not silently copied.
+
+    ``checksum=False`` leaves the payload CRC at 0, for transports whose AEAD already authenticates every
+    payload byte (the direct data plane); the header keeps its own checksum either way."""
     if tensor.device.type != "cpu":
         raise WireError(f"frames carry host memory; this tensor is on {tensor.device} (copy it to the CPU first)")
     if not tensor.is_contiguous():
@@ -104,7 +108,7 @@ def encode_frame(
         compression=int(compression),
         block_size=block,
         payload_len=payload.nbytes,
-        payload_crc=_C.crc32c(payload),
+        payload_crc=_C.crc32c(payload) if checksum else 0,
         job=route.job,
         step=route.step,
         micro_batch=route.micro_batch,
