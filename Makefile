@@ -49,13 +49,15 @@ install: system-deps $(VENV)/.stamp-install
 demo: install
 	@echo
 	@echo "TensorLink today: the native frame codec and wire formats, the peer node (python -m"
-	@echo "tensorlink.node: DHT, gossip, NAT traversal, status endpoint) and the Stage IR (capture a"
-	@echo "model, run it on a worker without its code). Offloading a model over a local network needs the"
-	@echo "data plane and offload(), still open. What exists is measured here: the wire benchmark, then"
-	@echo "the Stage IR against eager PyTorch and torch.export.load."
+	@echo "tensorlink.node: DHT, gossip, NAT traversal, status endpoint), the Stage IR (capture a model,"
+	@echo "run it on a worker without its code) and the data plane (encrypted tensor channels between"
+	@echo "peers). offload() over a local network is still open. What exists is measured here: the wire"
+	@echo "benchmark, the Stage IR against eager PyTorch and torch.export.load, then tensor channels"
+	@echo "between two processes against raw TCP and py-libp2p streams."
 	@echo
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/ir.py
+	$(PY) benchmarks/transport.py --quick
 
 test: install
 	$(PY) -m ruff check src tests benchmarks
@@ -65,6 +67,7 @@ bench: install
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/ir.py
+	$(PY) benchmarks/transport.py
 
 clean:
 	rm -rf $(VENV) build src/tensorlink/_C*.so src/*.egg-info
