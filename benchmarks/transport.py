@@ -1,5 +1,5 @@
 """One-way throughput and round-trip latency of tensor frames between two processes on 127.0.0.1, for
-the TensorLink data plane (ChannelService channels: AES-256-GCM sealed TCP, and its libp2p-stream
+the TensorLink data plane (ChannelService channels: AES-128-GCM sealed TCP by default, and its libp2p-stream
 fallback), a raw TCP socket and a py-libp2p Noise+Yamux stream, all in the same run.
 
     python benchmarks/transport.py            # table with ratios (about 1.5 minutes on 2 cores)
@@ -84,7 +84,7 @@ SIZES = {"kb8": 8 * KIB, "mb1": MIB, "mb64": 64 * MIB}
 SIZE_LABELS = {"kb8": "8 KiB", "mb1": "1 MiB", "mb64": "64 MiB"}
 TRANSPORTS = {
     "raw_tcp": "raw TCP (blocking sockets, TCP_NODELAY)",
-    "tensorlink": "TensorLink direct (AES-GCM sealed TCP)",
+    "tensorlink": "TensorLink direct (AES-GCM sealed TCP)",  # the cipher is in the title and the JSON
     "libp2p": "py-libp2p Noise+Yamux stream",
     "fallback": "TensorLink fallback (libp2p stream)",
 }
@@ -118,6 +118,7 @@ class Plan:
     rtt: dict[str, tuple[str, ...]]  # transport -> sizes measured for RTT
     gpu_micro_batches: int
     gpu_frame_mib: int
+    cipher: str = "aes-128-gcm"  # AEAD of the direct channel (the opener picks it)
 
 
 ALL = ("kb8", "mb1", "mb64")
@@ -533,9 +534,9 @@ class Bench:
             r[f"{name}_{size}_pings"] = count
 
 
-async def open_channel(nursery: trio.Nursery, host: Any, peer: str, *, direct: bool) -> Channel:
+async def open_channel(nursery: trio.Nursery, host: Any, peer: str, *, direct: bool, cipher: str) -> Channel:
     # A second service on the same host re-registers the set-up protocol's handler; this side only opens.
-    service = ChannelService(host, TransportConfig(direct=direct))
+    service = ChannelService(host, TransportConfig(direct=direct, cipher=cipher))  # type: ignore[arg-type]
     await nursery.start(service.serve)
     with trio.fail_after(30):
         channel = await service.open(peer, JOB)
@@ -554,8 +555,9 @@ async def drive(plan: Plan, info: dict[str, Any], progress: Progress) -> dict[st
                 with trio.fail_after(30):
                     await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(info["addr"])))
                     stream = await host.new_stream(ID.from_base58(info["peer"]), [TProtocol(BENCH_PROTOCOL)])
-                direct = ChannelLink(await open_channel(nursery, host, info["peer"], direct=True))
-                fallback = ChannelLink(await open_channel(nursery, host, info["peer"], direct=False))
+                peer = info["peer"]
+                direct = ChannelLink(await open_channel(nursery, host, peer, direct=True, cipher=plan.cipher))
+                fallback = ChannelLink(await open_channel(nursery, host, peer, direct=False, cipher=plan.cipher))
                 links = {"raw_tcp": raw, "tensorlink": direct, "libp2p": Libp2pStream(stream), "fallback": fallback}
                 bench = Bench(plan, links, progress)
                 await bench.run()
@@ -722,7 +724,8 @@ def print_table(r: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"Tensor frames between two processes on 127.0.0.1 ({r['machine']}; "
         f"{'pinned to CPUs ' + ' and '.join(map(str, r['cpus'])) if r['pinned'] else 'not pinned'}; best of "
-        f"{rounds['raw_tcp']} rounds for raw TCP and TensorLink direct, {rounds['libp2p']} for the libp2p rows)"
+        f"{rounds['raw_tcp']} rounds for raw TCP and TensorLink direct, {rounds['libp2p']} for the libp2p rows; "
+        f"direct channel cipher {r['cipher']})"
     )
     columns = ("transport", "frame", "MB/s", "vs raw TCP", "frames", "RTT µs (median)", "vs raw TCP", "pings")
     for column in columns:
@@ -776,6 +779,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller, shorter run (smoke tests)")
     parser.add_argument("--seconds", type=float, help="target seconds per measurement (default 1.0; --quick 0.25)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the two processes to CPUs 0 and 1")
+    parser.add_argument(
+        "--cipher",
+        choices=["aes-128-gcm", "aes-256-gcm"],
+        default="aes-128-gcm",
+        help="AEAD of the direct channel (default: aes-128-gcm, the data plane's default)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the peer process's role
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -789,6 +798,7 @@ def main() -> None:
         if not 0 < args.seconds <= 10:
             parser.error("--seconds must be in (0, 10]")
         plan = dataclasses.replace(plan, seconds=args.seconds)
+    plan = dataclasses.replace(plan, cipher=args.cipher)
     pin = not args.no_pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
     cpus = sorted(os.sched_getaffinity(0))[:2] if pin else [None, None]
     pin_to_cpu(cpus[0])
@@ -819,6 +829,7 @@ def main() -> None:
         "seconds_per_measurement": plan.seconds,
         "rounds": plan.rounds,
         "torch": torch.__version__,
+        "cipher": plan.cipher,
         **ratios(measured),
         **measured,
         "wall_s": round(time.perf_counter() - started, 1),

@@ -126,20 +126,21 @@ std::string header_repr(const FrameHeader& h) {
          ", micro_batch=" + std::to_string(h.micro_batch) + ", stage=" + std::to_string(h.stage) + ")";
 }
 
-std::string key_bytes(const py::bytes& key, const char* what) {
-  std::string k = key;
-  if (k.size() != kSealKey)
-    throw py::value_error(std::string(what) + " must be " + std::to_string(kSealKey) + " bytes, got " +
-                          std::to_string(k.size()));
-  return k;
+// The two direction keys, which must have the same AES-GCM size (16 or 32 bytes).
+std::pair<std::string, std::string> key_pair(const py::bytes& send_key, const py::bytes& recv_key) {
+  std::string s = send_key, r = recv_key;
+  if ((s.size() != kSealKey128 && s.size() != kSealKey256) || r.size() != s.size())
+    throw py::value_error("send_key and recv_key must both be 16 bytes (AES-128-GCM) or both 32 bytes "
+                          "(AES-256-GCM), got " + std::to_string(s.size()) + " and " + std::to_string(r.size()));
+  return {s, r};
 }
 
 // SealedSocket plus the Python buffer of the frame being sent, held until the last byte is out.
 struct PySealedSocket {
-  PySealedSocket(int fd, const py::bytes& send_key, const py::bytes& recv_key, std::shared_ptr<BufferPool> pool,
+  PySealedSocket(int fd, const std::pair<std::string, std::string>& keys, std::shared_ptr<BufferPool> pool,
                  uint64_t max_payload, bool verify_crc)
-      : sock(fd, reinterpret_cast<const uint8_t*>(key_bytes(send_key, "send_key").data()),
-             reinterpret_cast<const uint8_t*>(key_bytes(recv_key, "recv_key").data()), std::move(pool), max_payload,
+      : sock(fd, reinterpret_cast<const uint8_t*>(keys.first.data()),
+             reinterpret_cast<const uint8_t*>(keys.second.data()), keys.first.size(), std::move(pool), max_payload,
              verify_crc) {}
   SealedSocket sock;
   std::unique_ptr<View> payload;
@@ -326,9 +327,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SEAL_CHUNK") = kSealChunk;
   m.attr("SEAL_TAG") = kSealTag;
   py::class_<PySealedSocket>(m, "SealedSocket",
-                             "AES-256-GCM tensor frames over a connected TCP socket (see csrc/sealed_socket.h). The "
+                             "AES-GCM tensor frames over a connected TCP socket (see csrc/sealed_socket.h); 16-byte keys select "
+                             "AES-128-GCM, 32-byte keys AES-256-GCM. The "
                              "pumps release the GIL; one sender and one receiver may pump at the same time.")
-      .def(py::init<int, const py::bytes&, const py::bytes&, std::shared_ptr<BufferPool>, uint64_t, bool>(),
+      .def(py::init([](int fd, const py::bytes& send_key, const py::bytes& recv_key, std::shared_ptr<BufferPool> pool,
+                       uint64_t max_payload, bool verify_crc) {
+             return std::make_unique<PySealedSocket>(fd, key_pair(send_key, recv_key), std::move(pool), max_payload,
+                                                     verify_crc);
+           }),
            py::arg("fd"), py::arg("send_key"), py::arg("recv_key"), py::arg("pool"), py::arg("max_payload"),
            py::arg("verify_crc") = true)
       .def("start_send", [](PySealedSocket& s, const py::bytes& header, const py::handle& payload) {

@@ -61,13 +61,18 @@ void wait_for(int fd, short events, const Deadline& deadline, const SignalCheck&
 
 }  // namespace
 
-Aead::Aead(const uint8_t* key, bool encrypt) : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
+Aead::Aead(const uint8_t* key, size_t key_len, bool encrypt) : ctx_(EVP_CIPHER_CTX_new()), encrypt_(encrypt) {
   if (!ctx_) openssl_failed("EVP_CIPHER_CTX_new");
-  int ok = encrypt ? EVP_EncryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr)
-                   : EVP_DecryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr);
+  const EVP_CIPHER* cipher = key_len == kSealKey128 ? EVP_aes_128_gcm() : EVP_aes_256_gcm();
+  if (key_len != kSealKey128 && key_len != kSealKey256) {
+    EVP_CIPHER_CTX_free(ctx_);
+    throw std::invalid_argument("AES-GCM keys are 16 or 32 bytes");
+  }
+  int ok = encrypt ? EVP_EncryptInit_ex(ctx_, cipher, nullptr, key, nullptr)
+                   : EVP_DecryptInit_ex(ctx_, cipher, nullptr, key, nullptr);
   if (ok != 1) {
     EVP_CIPHER_CTX_free(ctx_);
-    openssl_failed("AES-256-GCM key setup");
+    openssl_failed("AES-GCM key setup");
   }
 }
 
@@ -101,15 +106,15 @@ bool Aead::open(uint8_t* data, size_t n, const uint8_t* tag) {
   return EVP_DecryptFinal_ex(ctx_, data + len, &len) == 1;
 }
 
-SealedSocket::SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_key, std::shared_ptr<BufferPool> pool,
-                           uint64_t max_payload, bool verify_crc)
+SealedSocket::SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_key, size_t key_len,
+                           std::shared_ptr<BufferPool> pool, uint64_t max_payload, bool verify_crc)
     : fd_(fd),
       pool_(std::move(pool)),
       max_payload_(max_payload),
       verify_crc_(verify_crc),
-      sealer_(send_key, true),
+      sealer_(send_key, key_len, true),
       scratch_(kHeaderSize + kSealTag + kSealChunk + kSealTag),
-      opener_(recv_key, false) {}
+      opener_(recv_key, key_len, false) {}
 
 void SealedSocket::fail(const std::string& why) {
   std::lock_guard<std::mutex> lock(reason_mu_);

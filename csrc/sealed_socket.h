@@ -1,6 +1,7 @@
 // An encrypted, authenticated tensor-frame connection over a TCP socket: the data plane's direct path.
 //
-// Each direction has its own AES-256-GCM key (derived by the Python handshake) and a 64-bit record
+// Each direction has its own AES-GCM key (128 or 256 bits, by key length; derived by the Python handshake,
+// which agrees on the size) and a 64-bit record
 // counter that is the nonce: nonce = 4 zero bytes || counter (little endian). The counter starts at 1
 // (record 0 is the handshake's hello), never repeats and is never sent, so a replayed, reordered,
 // dropped or forged record fails authentication and the connection is closed.
@@ -32,7 +33,9 @@
 
 namespace tl {
 
-constexpr size_t kSealKey = 32;
+// Key sizes: 16 bytes selects AES-128-GCM, 32 bytes AES-256-GCM.
+constexpr size_t kSealKey128 = 16;
+constexpr size_t kSealKey256 = 32;
 constexpr size_t kSealTag = 16;
 constexpr size_t kSealChunk = 256 * 1024;  // part of the protocol: both ends must agree
 
@@ -50,10 +53,10 @@ namespace detail {
 struct Deadline;  // one deadline over the several waits of a pump call
 }
 
-// AES-256-GCM in one direction with counter nonces. The key schedule is set up once.
+// AES-GCM in one direction with counter nonces. The key schedule is set up once.
 class Aead {
  public:
-  Aead(const uint8_t* key, bool encrypt);
+  Aead(const uint8_t* key, size_t key_len, bool encrypt);
   ~Aead();
   Aead(const Aead&) = delete;
   Aead& operator=(const Aead&) = delete;
@@ -74,8 +77,8 @@ enum class RecvStatus : int { NeedData = 0, FrameReady = 1, NeedPool = 2 };
 
 class SealedSocket {
  public:
-  SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_key, std::shared_ptr<BufferPool> pool,
-               uint64_t max_payload, bool verify_crc);
+  SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_key, size_t key_len,
+               std::shared_ptr<BufferPool> pool, uint64_t max_payload, bool verify_crc);
 
   // Queues one frame: an encoded header (kHeaderSize bytes) and its payload, which must stay valid until
   // pump_send reports it done.

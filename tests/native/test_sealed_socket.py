@@ -395,10 +395,12 @@ def test_api_misuse_is_refused(sockets: PairFactory) -> None:
     """Wrong key lengths, a second start_send while one is queued, a bad header size or take_frame with no
     frame are refused without breaking the channel."""
     a, b = sockets()
-    with pytest.raises(ValueError, match="send_key must be 32 bytes"):
+    with pytest.raises(ValueError, match="both be 16 bytes .* or both 32 bytes .* got 16 and 32"):
         _C.SealedSocket(a.fileno(), bytes(16), KEY_BA, pool(), CAP)
-    with pytest.raises(ValueError, match="recv_key must be 32 bytes"):
+    with pytest.raises(ValueError, match="got 32 and 33"):
         _C.SealedSocket(a.fileno(), KEY_AB, bytes(33), pool(), CAP)
+    with pytest.raises(ValueError, match="got 24 and 24"):
+        _C.SealedSocket(a.fileno(), bytes(24), bytes(24), pool(), CAP)
     tx, rx = ends(a, b)
     frame = encode_frame(torch.arange(10))
     assert tx.pump_send(False) is True  # nothing queued
@@ -446,6 +448,32 @@ def test_wire_bytes_open_with_independent_aes_gcm(
         assert chunks == expected
     assert pos == len(raw)
     assert opener.counter == 1 + sum(1 + math.ceil(f.payload.nbytes / CHUNK) for f in frames)
+
+
+@pytest.mark.timeout(30)
+def test_sixteen_byte_keys_select_aes_128_gcm(sockets: PairFactory) -> None:
+    """16-byte keys select AES-128-GCM (the data plane's default): what one SealedSocket writes opens
+    with cryptography's AES-128-GCM at counter 1, and frames sealed by it are received intact."""
+    key_ab, key_ba = KEY_AB[:16], KEY_BA[:16]
+    t = pattern(CHUNK + 99, seed=8)
+    frame = encode_frame(t, Route(step=4))
+    a, b = sockets()
+    tx = sealed(a, key_ab, key_ba)
+    send_frame(tx, frame)
+    b.settimeout(IO_TIMEOUT)
+    raw = b""
+    while len(raw) < wire_len(frame.payload.nbytes):
+        raw += b.recv(1 << 20)
+    header, payload, _, pos = RefOpener(key_ab).frame(raw, 0)
+    assert header == frame.header and payload == frame.payload.tobytes() and pos == len(raw)
+    with pytest.raises(InvalidTag):  # not the 256-bit cipher under a zero-padded key
+        AESGCM(key_ab + bytes(16)).decrypt(nonce(1), raw[:HEADER_RECORD], None)
+
+    rx = sealed(a, key_ab, key_ba)  # receives what B seals with key_ba
+    writer = feed(b, RefSealer(key_ba).frame(frame.header, frame.payload.tobytes()))
+    got_header, got = recv_frame(rx)
+    assert same(got, t) and got_header.step == 4
+    writer.join()
 
 
 @pytest.mark.timeout(30)

@@ -27,6 +27,7 @@ from tensorlink.transport.keys import (
     HELLO_BYTES,
     HELLO_REPLY_BYTES,
     KEY_BYTES,
+    TOKEN_BYTES,
     ChannelKeys,
     Ephemeral,
     check_reply,
@@ -37,6 +38,8 @@ from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect
 
 JOB = job_id(4)
 LEGIT_JOB = job_id(4, 1)
+
+KEY = KEY_BYTES["aes-128-gcm"]  # the default cipher's key size
 
 
 @dataclasses.dataclass
@@ -66,6 +69,7 @@ async def offer_by_hand(mesh: Mesh, opener: int, acceptor: int, job: bytes = JOB
         acceptor_key=accept.ephemeral_key,
         nonce=nonce,
         token=accept.token,
+        cipher="aes-128-gcm",
         is_opener=True,
     )
     assert b.service.data_port is not None
@@ -108,7 +112,7 @@ async def assert_legit_channel_works(mesh: Mesh) -> None:
 
 def random_keys() -> ChannelKeys:
     return ChannelKeys(
-        os.urandom(KEY_BYTES), os.urandom(KEY_BYTES), os.urandom(CHANNEL_ID_BYTES), os.urandom(KEY_BYTES)
+        os.urandom(KEY), os.urandom(KEY), os.urandom(CHANNEL_ID_BYTES), os.urandom(TOKEN_BYTES), "aes-128-gcm"
     )
 
 
@@ -168,9 +172,9 @@ async def test_hello_sealed_with_the_wrong_key_is_refused(channel_mesh: MeshFact
             service = mesh.nodes[1].service
             offer = await offer_by_hand(mesh, 0, 1)
             wrong = [
-                dataclasses.replace(offer.keys, send=os.urandom(KEY_BYTES)),
+                dataclasses.replace(offer.keys, send=os.urandom(KEY)),
                 dataclasses.replace(offer.keys, send=offer.keys.recv),  # the acceptor's own key
-                dataclasses.replace(offer.keys, token=os.urandom(KEY_BYTES)),
+                dataclasses.replace(offer.keys, token=os.urandom(TOKEN_BYTES)),
             ]
             assert len(wrong) == MAX_HELLO_FAILURES
             for keys in wrong:
@@ -190,7 +194,7 @@ async def test_right_hello_still_opens_after_a_wrong_one(channel_mesh: MeshFacto
         with trio.fail_after(20):
             a, b = mesh.nodes
             offer = await offer_by_hand(mesh, 0, 1)
-            await refused(offer.port, seal_hello(dataclasses.replace(offer.keys, send=os.urandom(KEY_BYTES))))
+            await refused(offer.port, seal_hello(dataclasses.replace(offer.keys, send=os.urandom(KEY))))
             tcp = await trio.open_tcp_stream("127.0.0.1", offer.port)
             await tcp.send_all(seal_hello(offer.keys))
             reply = b""

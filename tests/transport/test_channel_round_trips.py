@@ -150,3 +150,18 @@ async def test_kind_and_path_in_status_on_both_sides(channel_mesh: MeshFactory, 
             await a.aclose()
             assert open_in_status(mesh.nodes[0].service) == []
             assert_closed_in_status(mesh.nodes[0].service, a)
+
+
+@pytest.mark.parametrize("cipher", ["aes-128-gcm", "aes-256-gcm"])
+async def test_the_opener_picks_the_cipher(channel_mesh: MeshFactory, cipher: str) -> None:
+    """Direct channels use the AEAD the opener asked for (the acceptor takes either); both ends and the
+    status say which, and tensors cross intact with it."""
+    configs = [config_for("direct", cipher=cipher), config_for("direct")]
+    async with channel_mesh(2, configs=configs) as mesh:
+        a, b = await mesh.pair(0, 1)
+        assert a.cipher == b.cipher == cipher
+        assert a.kind == b.kind == "direct"
+        x = torch.randn(300_000, generator=torch.Generator().manual_seed(9))
+        got, _ = await exchange(a, b, x)
+        assert torch.equal(got, x)
+        assert [c["cipher"] for c in open_in_status(mesh.nodes[1].service)] == [cipher]

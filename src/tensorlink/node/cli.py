@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="never open direct tensor channels; move tensors over libp2p streams only",
     )
+    p.add_argument(
+        "--channel-cipher",
+        choices=["aes-128-gcm", "aes-256-gcm"],
+        help="AEAD of the direct channels this node opens; it accepts either (default: aes-128-gcm, ~20%% "
+        "faster on CPUs without VAES)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "data_port": args.data_port,
         "direct_channels": args.direct_channels,
+        "channel_cipher": args.channel_cipher,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

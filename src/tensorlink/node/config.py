@@ -40,6 +40,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     direct_channels: bool = True
     channel_memory_gb: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
+    channel_cipher: Literal["aes-128-gcm", "aes-256-gcm"] = "aes-128-gcm"
 
 
 def default_data_dir() -> Path:

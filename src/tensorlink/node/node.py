@@ -60,6 +60,7 @@ class Node:
                 data_port=config.data_port,
                 direct=config.direct_channels,
                 pool_bytes=int(config.channel_memory_gb * (1 << 30)),
+                cipher=config.channel_cipher,
             ),
         )
         self.gossip = Gossip(self.host)
@@ -357,7 +358,8 @@ class Node:
             return "libp2p streams only (--no-direct-channels)"
         if not self.channels.offer_direct:
             return f"tcp port {self.channels.data_port} (not offered: behind NAT, peers use libp2p streams)"
-        return f"tcp port {self.channels.data_port}, AES-256-GCM, libp2p streams where no direct path exists"
+        cipher = self.config.channel_cipher.upper()
+        return f"tcp port {self.channels.data_port}, {cipher}, libp2p streams where no direct path exists"
 
     def _print_banner(self, status_port: int) -> None:
         lines = [

@@ -6,7 +6,7 @@
     await channel.send(tensor, Route(job, step, micro_batch, stage))
     tensor, route = await channel.recv()
 
-Direct channels carry AES-256-GCM records on a TCP connection of their own (native, GIL released);
+Direct channels carry AES-GCM records on a TCP connection of their own (native, GIL released);
 when no direct connection is possible the same API runs on the libp2p stream (``channel.kind``).
 """
 

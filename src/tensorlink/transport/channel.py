@@ -35,6 +35,7 @@ class Channel(abc.ABC):
     raises ChannelError naming the first failure (``closed_reason``)."""
 
     kind: ClassVar[str]
+    cipher: str = "noise (libp2p)"  # what encrypts the bytes on the wire
     # Whether frames carry a payload CRC: off where an AEAD tag already covers every byte.
     checksum: ClassVar[bool] = True
 
@@ -108,6 +109,7 @@ class Channel(abc.ABC):
             "job": self.job.hex(),
             "kind": self.kind,
             "path": self.path,
+            "cipher": self.cipher,
             "opened_at": self.opened_at,
             "closed": self.closed_reason,
             **self._counters(),

@@ -1,4 +1,4 @@
-"""The direct data plane: tensor frames sealed with AES-256-GCM on a TCP connection of their own.
+"""The direct data plane: tensor frames sealed with AES-GCM on a TCP connection of their own.
 
 The record format and the I/O live in the native SealedSocket (csrc/sealed_socket.h). Frames up to
 INLINE_BYTES move on the event loop with non-blocking pumps, waiting for the socket with trio, so small
@@ -55,6 +55,7 @@ class DirectChannel(Channel):
         super().__init__(peer=peer, job=job, path="tcp", pool=pool, max_payload=max_payload)
         tune_socket(sock)
         self._sock = sock
+        self.cipher = keys.cipher
         self._sealed = _C.SealedSocket(sock.fileno(), keys.send, keys.recv, pool, max_payload, verify_crc=False)
         # The fd is closed only when no worker thread can still be inside a syscall on it.
         self._fd_lock = threading.Lock()

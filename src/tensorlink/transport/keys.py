@@ -1,9 +1,10 @@
 """Channel keys: an ephemeral X25519 exchange over an authenticated libp2p stream, expanded with HKDF.
 
 The libp2p stream is Noise-encrypted and bound to both peers' identities, so the ephemeral public keys
-that cross it cannot be swapped by anyone in the middle. Both peer ids, the job and every value of the
-exchange go into the HKDF salt (the transcript), so keys from one exchange never match another's, even
-between the same peers. The result is one AES-256-GCM key per direction and a channel id that names the
+that cross it cannot be swapped by anyone in the middle. Both peer ids, the job, the cipher and every
+value of the exchange go into the HKDF salt (the transcript), so keys from one exchange never match
+another's, even between the same peers. The result is one AES-GCM key per direction (16 bytes for
+AES-128-GCM, the default, or 32 for AES-256-GCM) and a channel id that names the
 pending channel on the direct TCP connection (it is not secret: possession of the keys is proven by the
 sealed hello, see :func:`seal_hello`).
 """
@@ -20,13 +21,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-KEY_BYTES = 32
+KEY_BYTES = {"aes-128-gcm": 16, "aes-256-gcm": 32}
+TOKEN_BYTES = 32
 CHANNEL_ID_BYTES = 16
 # The direct connection opens with: magic, version, channel id, then the one-time token sealed with
 # the opener's key at counter 0 (SealedSocket starts its counters at 1, so no nonce is used twice).
 HELLO_MAGIC = b"TLDC"
 HELLO_VERSION = 1
-HELLO_BYTES = len(HELLO_MAGIC) + 1 + CHANNEL_ID_BYTES + KEY_BYTES + 16
+HELLO_BYTES = len(HELLO_MAGIC) + 1 + CHANNEL_ID_BYTES + TOKEN_BYTES + 16
 HELLO_REPLY_BYTES = CHANNEL_ID_BYTES + 16
 _NONCE_ZERO = bytes(12)
 _INFO = b"tensorlink data-plane channel v1"
@@ -44,6 +46,7 @@ class ChannelKeys:
     recv: bytes
     channel_id: bytes
     token: bytes
+    cipher: str
 
 
 class Ephemeral:
@@ -66,20 +69,24 @@ class Ephemeral:
         acceptor_key: bytes,
         nonce: bytes,
         token: bytes,
+        cipher: str,
         is_opener: bool,
     ) -> ChannelKeys:
         shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         if not any(shared):
             raise HandshakeError("the peer's ephemeral key is a low-order point (all-zero shared secret)")
         transcript = hashlib.sha256(
-            b"|".join([_INFO, opener.encode(), acceptor.encode(), job, opener_key, acceptor_key, nonce, token])
+            b"|".join(
+                [_INFO, opener.encode(), acceptor.encode(), job, opener_key, acceptor_key, nonce, token]
+                + [cipher.encode()]
+            )
         ).digest()
-        okm = HKDF(hashes.SHA256(), 2 * KEY_BYTES + CHANNEL_ID_BYTES, salt=transcript, info=_INFO).derive(shared)
-        opener_to_acceptor, acceptor_to_opener = okm[:KEY_BYTES], okm[KEY_BYTES : 2 * KEY_BYTES]
-        channel_id = okm[2 * KEY_BYTES :]
+        n = KEY_BYTES[cipher]
+        okm = HKDF(hashes.SHA256(), 2 * n + CHANNEL_ID_BYTES, salt=transcript, info=_INFO).derive(shared)
+        opener_to_acceptor, acceptor_to_opener, channel_id = okm[:n], okm[n : 2 * n], okm[2 * n :]
         if is_opener:
-            return ChannelKeys(opener_to_acceptor, acceptor_to_opener, channel_id, token)
-        return ChannelKeys(acceptor_to_opener, opener_to_acceptor, channel_id, token)
+            return ChannelKeys(opener_to_acceptor, acceptor_to_opener, channel_id, token, cipher)
+        return ChannelKeys(acceptor_to_opener, opener_to_acceptor, channel_id, token, cipher)
 
 
 def seal_hello(keys: ChannelKeys) -> bytes:

@@ -26,6 +26,7 @@ JobId = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 Key32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Role = Literal["worker", "validator", "user"]
 Device = Literal["cpu", "cuda"]
+Cipher = Literal["aes-128-gcm", "aes-256-gcm"]
 
 
 class Message(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -94,12 +95,13 @@ class JobRecord(Message, tag="job_record"):
 
 
 class ChannelOffer(Message, tag="channel_offer"):
-    """Opens a data-plane channel for a job (tensorlink.transport): the opener's ephemeral X25519 key and
-    a fresh nonce, both bound into the channel keys."""
+    """Opens a data-plane channel for a job (tensorlink.transport): the opener's ephemeral X25519 key, a
+    fresh nonce and the AEAD for a direct connection, all bound into the channel keys."""
 
     job: JobId
     ephemeral_key: Key32
     nonce: Key32
+    cipher: Cipher = "aes-128-gcm"
     max_bytes: ClassVar[int] = 512
 
 
