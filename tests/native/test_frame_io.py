@@ -15,12 +15,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from background import Background
 
 from tensorlink import _C
 from tensorlink.wire import ChecksumError, Compression, Route, WireError, decode_payload, encode_frame
@@ -34,30 +34,6 @@ CAP = 1 << 30  # max_payload for the tests that are not about the cap
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-class Background:
-    """Runs fn in a daemon thread; join() re-raises its exception or returns its result."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._result: Any = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._result = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the joining thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def join(self, timeout: float = 30) -> Any:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "background I/O did not finish (deadlock?)"
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 def random_bytes(n: int, seed: int) -> bytes:

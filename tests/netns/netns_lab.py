@@ -270,3 +270,16 @@ class PeerProcess:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self._log.close()
+
+
+def start_swarm(lab: NatLab, log_dir: Path) -> tuple[PeerProcess, PeerProcess, PeerProcess]:
+    """The relay and workers A and B up, both workers connected to the relay."""
+    relay = lab.start("relay", RELAY_IP, log_dir, relay=True)
+    a = lab.start("a", A_IP, log_dir)
+    b = lab.start("b", B_IP, log_dir)
+    for peer in (relay, a, b):
+        peer.wait_ready()
+    for worker in (a, b):
+        assert worker.call("connect", addr=relay.addr)["peer"] == relay.peer_id
+        relay.call("wait_peer", peer=worker.peer_id)
+    return relay, a, b

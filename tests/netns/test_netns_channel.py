@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns_lab import A_IP, B_IP, NAT_B_WAN, PORT, RELAY_IP, NatLab, PeerProcess, prerequisites_missing
+from netns_lab import A_IP, B_IP, NAT_B_WAN, PORT, RELAY_IP, NatLab, PeerProcess, prerequisites_missing, start_swarm
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -61,14 +61,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[NatLab]:
 def start_workers(lab: NatLab, log_dir: Path) -> tuple[PeerProcess, PeerProcess, PeerProcess, str]:
     """Relay and workers up, both workers on the relay with a reservation and a data plane serving;
     returns them and B's circuit address."""
-    relay = lab.start("relay", RELAY_IP, log_dir, relay=True)
-    a = lab.start("a", A_IP, log_dir)
-    b = lab.start("b", B_IP, log_dir)
-    for peer in (relay, a, b):
-        peer.wait_ready()
-    for worker in (a, b):
-        assert worker.call("connect", addr=relay.addr)["peer"] == relay.peer_id
-        relay.call("wait_peer", peer=worker.peer_id)
+    relay, a, b = start_swarm(lab, log_dir)
     circuit_b = f"/ip4/{RELAY_IP}/tcp/{PORT}/p2p/{relay.peer_id}/p2p-circuit/p2p/{b.peer_id}"
     assert circuit_b in b.call("reserve", relay=relay.addr)["circuit_addrs"]
     a.call("reserve", relay=relay.addr)

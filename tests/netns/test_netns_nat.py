@@ -14,7 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_lab import A_IP, B_IP, NAT_A_WAN, NAT_B_WAN, PORT, RELAY_IP, NatLab, PeerProcess, prerequisites_missing
+from netns_lab import (
+    NAT_A_WAN,
+    NAT_B_WAN,
+    PORT,
+    RELAY_IP,
+    NatLab,
+    PeerProcess,
+    prerequisites_missing,
+    start_swarm,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -26,18 +35,6 @@ def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NatLab]:
         pytest.fail(missing)
     with NatLab(random_fully=request.param) as lab:
         yield lab
-
-
-def start_swarm(lab: NatLab, log_dir: Path) -> tuple[PeerProcess, PeerProcess, PeerProcess]:
-    relay = lab.start("relay", RELAY_IP, log_dir, relay=True)
-    a = lab.start("a", A_IP, log_dir)
-    b = lab.start("b", B_IP, log_dir)
-    for peer in (relay, a, b):
-        peer.wait_ready()
-    for worker in (a, b):
-        assert worker.call("connect", addr=relay.addr)["peer"] == relay.peer_id
-        relay.call("wait_peer", peer=worker.peer_id)
-    return relay, a, b
 
 
 def check_reachability(relay: PeerProcess, a: PeerProcess, b: PeerProcess) -> None:

@@ -133,7 +133,7 @@ async def test_more_large_sends_than_worker_threads_do_not_deadlock(channel_mesh
     get threads of their own, or nothing ever moves again."""
     channels = 44
     x = torch.arange(2 << 20, dtype=torch.float32)  # 8 MiB: more than the socket buffers hold unread
-    async with channel_mesh(2, config_for("direct", pool_bytes=1 << 30)) as mesh:
+    async with channel_mesh(2, config_for("direct", pool_bytes=1 << 30, max_channels_per_peer=64)) as mesh:
         pairs = [await mesh.pair(0, 1, job_id(7, i)) for i in range(channels)]
         received: list[int] = []
 

@@ -263,3 +263,19 @@ async def test_idle_connections_do_not_push_channels_off_the_direct_path(channel
         finally:
             for tcp in idle:
                 await tcp.aclose()
+
+
+async def test_a_peer_cannot_open_more_channels_than_its_cap(channel_mesh: MeshFactory) -> None:
+    """Every channel may make its receiver buffer a window of frames, so a peer gets a bounded number;
+    past the cap the opener gets a clear refusal, and closing one makes room again."""
+    configs = [config_for("direct"), config_for("direct", max_channels_per_peer=3)]
+    async with channel_mesh(2, configs=configs) as mesh:
+        with trio.fail_after(30):
+            pairs = [await mesh.pair(0, 1, job_id(i)) for i in range(3)]
+            with pytest.raises(ChannelRefused, match="3 channels from this peer are open"):
+                await mesh.nodes[0].service.open(mesh.nodes[1].peer_id, job_id(9))
+            await pairs[0][1].aclose()
+            a, b = await mesh.pair(0, 1, job_id(10))
+            x = torch.arange(10.0)
+            got, _ = await exchange(a, b, x)
+            assert torch.equal(got, x)

@@ -29,7 +29,9 @@ from tensorlink.wire.frame import HEADER_SIZE, EncodedFrame, FrameHeader, decode
 FRAME, CREDIT = b"F", b"C"
 WRITE_PIECE = 1 << 20  # bytes per stream.write: Yamux splits further; this bounds each copy
 READ_PIECE = 1 << 20
-DEFAULT_WINDOW = 64 << 20
+# 16 MiB is ~200 ms of what a libp2p stream carries (≈80 MB/s), far above its bandwidth-delay product,
+# and bounds what one channel can make its receiver buffer.
+DEFAULT_WINDOW = 16 << 20
 _Item = tuple[FrameHeader, Any, int] | BaseException  # (header, payload buffer, credit charged) or the error
 
 

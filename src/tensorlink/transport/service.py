@@ -87,6 +87,8 @@ class TransportConfig:
     max_payload: int = MAX_FRAME_PAYLOAD
     pool_bytes: int = 1 << 30
     window_bytes: int = DEFAULT_WINDOW  # fallback credit window per channel and direction
+    max_channels_per_peer: int = 16  # channels a peer may open here (a pipeline needs one or two)
+    max_channels: int = 256
 
 
 @dataclass
@@ -272,10 +274,9 @@ class ChannelService:
         try:
             with trio.fail_after(self.config.setup_timeout_s):
                 offer = await read_message(stream, ChannelOffer)
-                if not self.admit(peer, offer.job):
-                    await write_message(
-                        stream, ErrorReply(code="not_admitted", message=f"no channel for job {offer.job.hex()} here")
-                    )
+                refusal = self._refusal(peer, offer.job)
+                if refusal is not None:
+                    await write_message(stream, refusal)
                     await close_stream(stream)
                     return
                 eph = Ephemeral()
@@ -312,6 +313,21 @@ class ChannelService:
             stream, pending.sock if select.direct else None, keys, peer=peer, job=offer.job, why=select.reason
         )
         self._incoming_in.send_nowait(channel)
+
+    def _refusal(self, peer: str, job: bytes) -> ErrorReply | None:
+        """Why a channel from peer for job is refused, or None. The caps bound what peers can make this
+        node hold: every channel may buffer up to its window of received frames."""
+        if not self.admit(peer, job):
+            return ErrorReply(code="not_admitted", message=f"no channel for job {job.hex()} here")
+        open_channels = self.channels()
+        if sum(c.peer == peer for c in open_channels) >= self.config.max_channels_per_peer:
+            return ErrorReply(
+                code="too_many_channels",
+                message=f"{self.config.max_channels_per_peer} channels from this peer are open; close one first",
+            )
+        if len(open_channels) >= self.config.max_channels:
+            return ErrorReply(code="too_many_channels", message=f"{self.config.max_channels} channels are open here")
+        return None
 
     async def _on_tcp(self, tcp: trio.SocketStream) -> None:
         with trio.CancelScope() as evicted:
