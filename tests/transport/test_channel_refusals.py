@@ -20,7 +20,7 @@ import trio
 from channel_helpers import Mesh, MeshFactory, config_for, exchange, job_id, open_in_status
 
 from tensorlink.p2p.streams import close_stream, open_stream, read_message, write_message
-from tensorlink.transport import PROTOCOL, ChannelRefused
+from tensorlink.transport import PROTOCOL, ChannelError, ChannelRefused
 from tensorlink.transport.direct import DirectChannel
 from tensorlink.transport.keys import (
     CHANNEL_ID_BYTES,
@@ -279,3 +279,12 @@ async def test_a_peer_cannot_open_more_channels_than_its_cap(channel_mesh: MeshF
             x = torch.arange(10.0)
             got, _ = await exchange(a, b, x)
             assert torch.equal(got, x)
+
+
+async def test_opening_to_an_unreachable_peer_says_how_to_fix_it(channel_mesh: MeshFactory) -> None:
+    """A peer id the host has never connected to is a ChannelError that says to connect first, not a
+    libp2p exception from deep inside the swarm."""
+    async with channel_mesh(1) as mesh:
+        stranger = "12D3KooWRBhwfeP2Y4TCx1SM6s8rWoNSxcbU1ACxvVGpVgWpLgvm"
+        with trio.fail_after(30), pytest.raises(ChannelError, match="connect to it first"):
+            await mesh.nodes[0].service.open(stranger, JOB)

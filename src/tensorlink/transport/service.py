@@ -194,38 +194,57 @@ class ChannelService:
         offers it and the connection to it is direct, else the libp2p stream."""
         if self._nursery is None:
             raise RuntimeError("start ChannelService.serve in a nursery before opening channels")
-        me = own_peer_id(self.host)
-        with trio.fail_after(self.config.setup_timeout_s):
-            stream = await open_stream(self.host, peer, PROTOCOL)
-            try:
-                eph = Ephemeral()
-                nonce = secrets.token_bytes(32)
-                offer = ChannelOffer(job=job, ephemeral_key=eph.public, nonce=nonce, cipher=self.config.cipher)
-                await write_message(stream, offer)
-                reply = await read_message(stream, ChannelAccept, ErrorReply)
-                if isinstance(reply, ErrorReply):
-                    raise ChannelRefused(f"{peer} refused a channel: {reply.message} ({reply.code})")
-                keys = eph.derive(
-                    reply.ephemeral_key,
-                    opener=me,
-                    acceptor=peer,
-                    job=job,
-                    opener_key=eph.public,
-                    acceptor_key=reply.ephemeral_key,
-                    nonce=nonce,
-                    token=reply.token,
-                    cipher=offer.cipher,
-                    is_opener=True,
-                )
-                sock, why = await self._connect_direct(peer, reply.addrs, keys, relayed=is_relayed_stream(stream))
-                await write_message(stream, ChannelSelect(direct=sock is not None, reason=why[:256]))
-            except (StreamError, WireError, HandshakeError) as exc:
-                await close_stream(stream)
+        try:
+            with trio.fail_after(self.config.setup_timeout_s):
+                stream = await open_stream(self.host, peer, PROTOCOL)
+        except trio.TooSlowError:
+            raise ChannelError(f"no stream to {peer} within {self.config.setup_timeout_s} s") from None
+        except Exception as exc:  # libp2p's errors: unknown peer, no route, protocol not supported
+            raise ChannelError(
+                f"cannot reach {peer} on the control plane ({type(exc).__name__}: {exc}); connect to it first "
+                "(bootstrap or host.connect) and check that it runs a TensorLink node"
+            ) from exc
+        try:
+            with trio.fail_after(self.config.setup_timeout_s):
+                sock, keys, why = await self._negotiate(stream, peer, job)
+        except BaseException as exc:
+            await close_stream(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise ChannelError(f"channel set-up with {peer} took over {self.config.setup_timeout_s} s") from None
+            if isinstance(exc, (StreamError, WireError, HandshakeError)):
                 raise ChannelError(f"could not open a channel to {peer}: {exc}") from exc
-            except BaseException:
-                await close_stream(stream)
-                raise
+            raise
         return await self._start_channel(stream, sock, keys, peer=peer, job=job, why=why)
+
+    async def _negotiate(self, stream: Any, peer: str, job: bytes) -> tuple[socket.socket | None, ChannelKeys, str]:
+        """The opener's side of the set-up: keys, then a direct connection if one can be had."""
+        eph = Ephemeral()
+        nonce = secrets.token_bytes(32)
+        offer = ChannelOffer(job=job, ephemeral_key=eph.public, nonce=nonce, cipher=self.config.cipher)
+        await write_message(stream, offer)
+        reply = await read_message(stream, ChannelAccept, ErrorReply)
+        if isinstance(reply, ErrorReply):
+            raise ChannelRefused(f"{peer} refused a channel: {reply.message} ({reply.code})")
+        keys = eph.derive(
+            reply.ephemeral_key,
+            opener=own_peer_id(self.host),
+            acceptor=peer,
+            job=job,
+            opener_key=eph.public,
+            acceptor_key=reply.ephemeral_key,
+            nonce=nonce,
+            token=reply.token,
+            cipher=offer.cipher,
+            is_opener=True,
+        )
+        sock, why = await self._connect_direct(peer, reply.addrs, keys, relayed=is_relayed_stream(stream))
+        try:
+            await write_message(stream, ChannelSelect(direct=sock is not None, reason=why[:256]))
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return sock, keys, why
 
     async def _connect_direct(
         self, peer: str, addrs: list[str], keys: ChannelKeys, *, relayed: bool
