@@ -264,12 +264,14 @@ async def test_invalid_messages_are_dropped_by_every_node(tmp_path: Path) -> Non
             assert sorted(map(repr, s.got(i, HEARTBEATS))) == sorted(map(repr, expected)), f"node {i}"
             assert s.got(i, JOBS) == [(s.ids[6], record)], f"node {i}"
             assert gs.stats.accepted == {HEARTBEATS.name: 3, JOBS.name: 1}, f"node {i}: {gs.stats.accepted}"
-            # Each bad message was dropped here once: it reached this node directly and no honest node
-            # forwarded it (the victim's node got the forgeries only through the raw publisher's fanout,
-            # which excludes the claimed origin).
+            # Each bad message was dropped here: it reached this node directly. No honest node forwarded
+            # one, since GossipSub forwards only what its validator accepted and the accepted counts above
+            # are exact. A node may drop the same bad message more than once: py-libp2p keeps no record of
+            # rejected ids, so a copy that comes again (the raw publisher's gossip, a late fanout) is
+            # validated and dropped again; on a loaded machine that happened (unsigned: 4 instead of 2).
             drops = {r: gs.stats.dropped_total(reason=r) for r in INVALID_REASONS}
-            assert drops[g.MALFORMED] == 2 and drops[g.WRONG_KIND] == 2, (i, drops)
-            assert drops[g.UNSIGNED] == 2 and drops[g.NOT_SIGNER] == 1 and drops[g.STALE] == 1, (i, drops)
+            assert drops[g.MALFORMED] >= 2 and drops[g.WRONG_KIND] >= 2, (i, drops)
+            assert drops[g.UNSIGNED] >= 2 and drops[g.NOT_SIGNER] >= 1 and drops[g.STALE] >= 1, (i, drops)
             assert gs.stats.dropped_total(reason=g.RATE_LIMITED) == 0
             assert gs.stats.dropped_total(reason=g.INTERNAL_ERROR) == 0
 
