@@ -10,6 +10,7 @@ slow receiver is ordinary TCP backpressure: there is no timer that could break t
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,10 +32,23 @@ FRAME_READY, NEED_DATA, NEED_POOL = 1, 0, 2
 T = TypeVar("T")
 
 
+# A peer that vanishes (power loss, a cable, a NAT that forgets us) sends no FIN: without these a
+# receive would wait for the kernel's default two hours. Silence is probed after KEEPALIVE_IDLE_S and
+# the connection dropped after KEEPALIVE_PROBES unanswered probes; data left unacknowledged for
+# UNACKED_TIMEOUT_S also drops it. A slow receiver answers probes, so backpressure never trips these.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+UNACKED_TIMEOUT_S = 30
+
+
 def tune_socket(sock: socket.socket) -> None:
-    """Small frames go out at once (no Nagle delay); dead peers are noticed by keepalive."""
+    """Small frames go out at once (no Nagle delay); dead peers are noticed within about 30 s."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if sys.platform == "linux":  # other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_TIMEOUT_S * 1000)
     sock.setblocking(False)
 
 
