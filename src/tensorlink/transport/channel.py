@@ -46,6 +46,7 @@ class Channel(abc.ABC):
         self.pool = pool
         self.max_payload = max_payload
         self.opened_at = time.time()
+        self.remote: str | None = None  # the peer's ip:port for a direct connection
         self.closed_reason: str | None = None
         self.closed_at: float | None = None
         self._send_lock = trio.Lock()
@@ -110,6 +111,7 @@ class Channel(abc.ABC):
             "kind": self.kind,
             "path": self.path,
             "cipher": self.cipher,
+            "remote": self.remote,
             "opened_at": self.opened_at,
             "closed": self.closed_reason,
             **self._counters(),

@@ -82,7 +82,7 @@ class DirectChannel(Channel):
             ip, port = sock.getpeername()[:2]
             self.remote = f"{ip}:{port}"
         except OSError:
-            self.remote = "?"
+            pass  # already reset by the peer; the first pump will say so
 
     async def _send_frame(self, frame: EncodedFrame) -> None:
         sealed = self._sealed

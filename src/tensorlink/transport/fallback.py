@@ -60,7 +60,6 @@ class StreamChannel(Channel):
         self._credit_changed = trio.Event()
         self._granted_unused = window  # bytes the peer may still send us
         self._counts = {"bytes_sent": 0, "bytes_received": 0, "frames_sent": 0, "frames_received": 0}
-        self._reader_done = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The reader: run it in a nursery for the channel's lifetime (ChannelService does)."""
@@ -81,8 +80,6 @@ class StreamChannel(Channel):
             self._credit_changed.set()
             with trio.CancelScope(shield=True):
                 await reset_stream(self._stream)  # the peer's end must learn that the channel is gone
-        finally:
-            self._reader_done.set()
 
     def _on_credit(self, grant: int) -> None:
         if grant <= 0 or grant > 1 << 40:
