@@ -65,13 +65,12 @@ class Ephemeral:
         opener: str,
         acceptor: str,
         job: bytes,
-        opener_key: bytes,
-        acceptor_key: bytes,
         nonce: bytes,
         token: bytes,
         cipher: str,
         is_opener: bool,
     ) -> ChannelKeys:
+        opener_key, acceptor_key = (self.public, peer_public) if is_opener else (peer_public, self.public)
         shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         if not any(shared):
             raise HandshakeError("the peer's ephemeral key is a low-order point (all-zero shared secret)")
