@@ -167,6 +167,7 @@ def test_channel_over_relay_between_nated_workers(lab: NatLab, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("lab", [False], indirect=True, ids=["port-preserving-nat"])
+@pytest.mark.timeout(150)
 def test_channel_over_relay_then_over_punched_connection(lab: NatLab, tmp_path: Path) -> None:
     started = time.monotonic()
     relay, a, b, circuit_b = start_workers(lab, tmp_path)
@@ -174,8 +175,9 @@ def test_channel_over_relay_then_over_punched_connection(lab: NatLab, tmp_path: 
     relayed_pair = (opened["channel"], accepted["channel"])
     results = exchange(a, b, relayed_pair)
 
-    # DCUtR punches a direct connection through both NATs (see test_netns_nat.py).
-    upgraded = a.reply(a.send("wait_direct", peer=b.peer_id, timeout=30), timeout=35)
+    # DCUtR punches a direct connection through both NATs (see test_netns_nat.py; a second attempt may be
+    # needed, a failed one takes ~22 s).
+    upgraded = a.reply(a.send("wait_direct", peer=b.peer_id, timeout=55), timeout=60)
     assert upgraded["direct"], f"{upgraded}\nA log:\n{a.log_tail()}\nB log:\n{b.log_tail()}"
     assert f"/ip4/{NAT_B_WAN}/tcp/{PORT}" in [addr.split("/p2p/")[0] for addr in upgraded["addrs"]], upgraded
 
@@ -205,4 +207,4 @@ def test_channel_over_relay_then_over_punched_connection(lab: NatLab, tmp_path: 
         f"relayed channel: open {opened['ms']} ms, 1 MiB A->B {mib_per_s(results, 'b')} MiB/s; "
         f"punched channel: open {opened2['ms']} ms, 1 MiB A->B {mib_per_s(results2, 'b')} MiB/s"
     )
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < 120

@@ -73,14 +73,16 @@ def relayed_dial(relay: PeerProcess, a: PeerProcess, b: PeerProcess) -> str:
 
 
 @pytest.mark.parametrize("lab", [False], indirect=True, ids=["port-preserving-nat"])
+@pytest.mark.timeout(130)
 def test_relay_then_hole_punch_to_direct(lab: NatLab, tmp_path: Path) -> None:
     started = time.monotonic()
     relay, a, b = start_swarm(lab, tmp_path)
     check_reachability(relay, a, b)
     relayed_dial(relay, a, b)
 
-    # DCUtR upgrades the relayed connection by itself (both sides drive it every 2 s).
-    upgraded = a.reply(a.send("wait_direct", peer=b.peer_id, timeout=30), timeout=35)
+    # DCUtR upgrades the relayed connection by itself (both sides drive it every 2 s). The first attempt
+    # sometimes misses (both NAT mappings must line up; a failed attempt takes ~22 s), so allow a second.
+    upgraded = a.reply(a.send("wait_direct", peer=b.peer_id, timeout=55), timeout=60)
     assert upgraded["direct"], f"{upgraded}\nA log:\n{a.log_tail()}\nB log:\n{b.log_tail()}"
     # The direct connection goes to B's NAT at B's listen port: a hole punched through both NATs.
     assert f"/ip4/{NAT_B_WAN}/tcp/{PORT}" in [addr.split("/p2p/")[0] for addr in upgraded["addrs"]], upgraded
@@ -89,7 +91,7 @@ def test_relay_then_hole_punch_to_direct(lab: NatLab, tmp_path: Path) -> None:
     assert echoed["stream_conn"] and not any("/p2p-circuit" in x for x in echoed["stream_conn"]), echoed
     seen_by_b = b.call("kind", peer=a.peer_id)
     assert seen_by_b["kind"] == "direct", seen_by_b
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 100
 
 
 @pytest.mark.parametrize("lab", [True], indirect=True, ids=["random-fully-nat"])
