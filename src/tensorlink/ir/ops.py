@@ -40,7 +40,8 @@ ATEN_OPS: frozenset[str] = frozenset(
         "aten.matmul.default", "aten.baddbmm.default", "aten.conv1d.default", "aten.conv2d.default",
         "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.adaptive_avg_pool2d.default",
         "aten.embedding.default",
-        # reductions
+        # losses and reductions
+        "aten.cross_entropy_loss.default", "aten.nll_loss.default", "aten.mse_loss.default",
         "aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim", "aten.mean.default", "aten.amax.default",
         "aten.max.dim", "aten.cumsum.default", "aten.diff.default", "aten.argmax.default",
         # shape and indexing

@@ -20,8 +20,19 @@ class StreamError(Exception):
 
 
 async def write_message(stream: Any, msg: Message) -> None:
-    data = encode_message(msg)
+    await write_record(stream, encode_message(msg))
+
+
+async def write_record(stream: Any, data: bytes) -> None:
+    """One length-prefixed record (an encoded message of any protocol's schema)."""
     await stream.write(len(data).to_bytes(4, "big") + data)
+
+
+async def read_record(stream: Any, max_bytes: int) -> bytes:
+    size = int.from_bytes(await read_exactly(stream, 4), "big")
+    if size > max_bytes:
+        raise StreamError(f"message of {size} bytes announced, more than {max_bytes}")
+    return await read_exactly(stream, size)
 
 
 async def read_exactly(stream: Any, n: int) -> bytes:
@@ -40,10 +51,7 @@ async def read_exactly(stream: Any, n: int) -> bytes:
 
 async def read_message(stream: Any, *expect: type[Message], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """One length-prefixed message, of one of the ``expect`` kinds when any are given."""
-    size = int.from_bytes(await read_exactly(stream, 4), "big")
-    if size > max_bytes:
-        raise StreamError(f"message of {size} bytes announced, more than {max_bytes}")
-    msg = decode_message(await read_exactly(stream, size))
+    msg = decode_message(await read_record(stream, max_bytes))
     if expect and not isinstance(msg, expect):
         raise StreamError(f"unexpected {type(msg).__name__}")
     return msg

@@ -1,0 +1,396 @@
+"""Driver: one offloaded model's pipeline, from capture to steps, gradients and weights.
+
+Set-up (first forward): capture the whole model with torch.export into one Stage IR program, profile
+its cost per parameter group, ask a validator for workers (it partitions by cost and memory and tells
+each worker its stage and neighbours), split the program at the validator's boundaries, open the job
+and load every stage. A step sends each user input straight to the stage that needs it, runs the
+schedule on every stage at once and gathers the model outputs from the last stage.
+
+Scalar losses computed inside the model (HF models given labels) let the stages run the backward
+during the forward call (1F1B): gradients are computed for a loss gradient of 1 and wait on the
+workers; the owner's ``loss.backward()`` then scales and commits them (exactly, for the usual 1.0).
+Any other use of the outputs (a loss computed here) back-propagates after the forward ("later").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from tensorlink.ir import StageProgram, capture
+from tensorlink.ir.split import Split, profile, split
+from tensorlink.pipeline.client import Client
+from tensorlink.pipeline.job import Job, PipelineError, StageRef
+from tensorlink.pipeline.links import NONE_MARKER, Lane, from_marker
+from tensorlink.validator.client import request_job
+from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
+from tensorlink.wire.stage import (
+    CommitGrads,
+    GradSquares,
+    InputSlot,
+    LoadProgram,
+    MakeOptimizer,
+    OptimizerStep,
+    OutputSlot,
+    RunBackward,
+    RunStep,
+    ScaleGrads,
+    SendTensors,
+    SetGrads,
+    ZeroGrad,
+)
+
+log = logging.getLogger(__name__)
+OPTIMIZER_SLOTS = {"SGD": 1, "Adam": 2, "AdamW": 2, "Adagrad": 1, "Adadelta": 2, "Adamax": 2, "NAdam": 2,
+                   "RAdam": 2, "RMSprop": 2}  # fmt: skip
+
+
+@dataclass
+class StepResult:
+    step: int
+    mode: str  # fused | later | none
+    outputs: dict[int, torch.Tensor]  # model output index -> tensor (micro-batches joined)
+    input_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # fused: gradients of user inputs
+
+
+@dataclass
+class Program:
+    """A captured and split program (train or eval) and how values map to stage slots."""
+
+    whole: StageProgram
+    split: Split
+    out_spec: Any
+
+
+class Driver:
+    def __init__(
+        self,
+        client: Client,
+        validator: str,
+        *,
+        workers: int,
+        micro_batches: int,
+        schedule: str,
+        private: bool,
+        max_seq_len: int | None,
+        optimizer: str = "AdamW",
+    ) -> None:
+        self.client = client
+        self.validator = validator
+        self.n_workers = workers
+        self.micro_batches = micro_batches
+        self.schedule = schedule
+        self.private = private
+        self.max_seq_len = max_seq_len
+        self.optimizer_name = optimizer
+        self.job_id = secrets.token_bytes(16)
+        self.plan: JobPlan | None = None
+        self.job: Job | None = None
+        self.programs: dict[str, Program] = {}
+        self.owner: dict[str, int] = {}
+        self.step = 0
+        self.tied_total: dict[str, torch.Tensor] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def capture(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train: bool) -> Program:
+        """Capture ``module`` as one program on an example micro-batch; HF models without their KV cache
+        (training and cache-less generation return no cache)."""
+        config = getattr(module, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        if use_cache:
+            config.use_cache = False
+        try:
+            batch = max((t.shape[0] for t in [*args, *kwargs.values()] if t.dim() > 0), default=2)
+            whole = capture(
+                module,
+                args,
+                example_kwargs=kwargs,
+                max_seq_len=self.max_seq_len,
+                max_batch=max(64, batch),
+                train=train,
+            )
+        finally:
+            if use_cache:
+                config.use_cache = use_cache
+        return Program(whole, None, getattr(whole, "out_spec", None))  # type: ignore[arg-type]
+
+    def sizes(self, program: StageProgram, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        """The program's symbolic dims at these (full micro-batch) inputs."""
+        sizes: dict[str, int] = {}
+        for spec, tensor in zip(program.program.signature.inputs, inputs, strict=True):
+            for dim, size in zip(spec.shape, tensor.shape, strict=True):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+        return sizes
+
+    async def open(self, program: Program, inputs: Sequence[torch.Tensor]) -> None:
+        """Ask the validator for workers, split at its boundaries, open the job and load the stages."""
+        units = profile(program.whole, self.sizes(program.whole, inputs))
+        request = JobRequest(
+            job=self.job_id,
+            owner=self.client.peer_id,
+            workers=self.n_workers,
+            units=[UnitCost(flops=u.flops, param_bytes=u.param_bytes, activation_bytes=u.activation_bytes) for u in units],
+            private=self.private,
+            optimizer_slots=OPTIMIZER_SLOTS.get(self.optimizer_name, 2),
+            device=None,
+        )
+        self.plan = plan = await request_job(self.client.host, self.validator, request)
+        for unit, stage in zip(units, plan.unit_stage, strict=True):
+            for name in unit.params:
+                self.owner[name] = stage
+        program.split = split(program.whole, self.owner, plan.n_stages)
+        for placement in plan.placements:
+            await self.client.connect([f"{a}/p2p/{placement.peer_id}" for a in placement.addrs])
+        workers = {p.stage: p.peer_id for p in plan.placements}
+        self.job = Job(self.client, self.job_id, plan.n_stages, workers, self.validator)
+        await self.job.open()
+        await self.load("train", program)
+
+    async def load(self, key: str, program: Program) -> None:
+        assert self.job is not None
+        if program.split is None:
+            program.split = split(program.whole, self.owner, len(self.job.stages))
+        self.programs[key] = program
+        sp = program.split
+
+        async def one(ref: StageRef) -> None:
+            part = sp.parts[ref.index]
+            data = part.program.to_bytes()
+            inputs, outputs = slots(sp, ref.index)
+            await self.job.send_blob(ref, [torch.frombuffer(bytearray(data), dtype=torch.uint8)])  # type: ignore[union-attr]
+            await self.job.command(ref, LoadProgram(key=key, size=len(data), inputs=inputs, outputs=outputs))  # type: ignore[union-attr]
+
+        async with trio.open_nursery() as n:
+            for ref in self.job.stages:
+                n.start_soon(one, ref)
+
+    # -- steps -------------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        key: str,
+        inputs: Sequence[torch.Tensor],
+        *,
+        mode: str,
+        training: bool,
+        loss_output: int,
+        to_user: list[int],
+        grad_to_user: list[str],
+        micro_batches: int,
+    ) -> StepResult:
+        assert self.job is not None
+        program = self.programs[key]
+        sp = program.split
+        self.step += 1
+        step = self.step
+        chunks = [torch.tensor_split(t, micro_batches) if t.dim() > 0 else [t] * micro_batches for t in inputs]
+        refs = self.job.stages
+        cmd = RunStep(
+            key=key,  # type: ignore[arg-type]
+            step=step,
+            micro_batches=micro_batches,
+            schedule=self.schedule,  # type: ignore[arg-type]
+            backward=mode,  # type: ignore[arg-type]
+            training=training,
+            loss_output=loss_output,
+            loss_scale=1.0 / micro_batches,
+            to_user=to_user,
+            grad_to_user=grad_to_user,
+        )
+        outputs: dict[int, list[torch.Tensor]] = {i: [] for i in to_user}
+
+        async def feed() -> None:
+            for m in range(micro_batches):
+                for i, name in enumerate(sp.user_inputs):
+                    if name in sp.input_stage:  # an input no stage reads stays here
+                        await refs[sp.input_stage[name]].link.send(Lane.USER_IN, step, m, i, chunks[i][m])
+
+        async def collect() -> None:
+            last = refs[-1]
+            for m in range(micro_batches):
+                for i in to_user:
+                    outputs[i].append(await last.link.recv(Lane.USER_OUT, step, m, i))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(feed)
+            n.start_soon(collect)
+            await self.job.broadcast(lambda ref: cmd)
+        result = StepResult(step, mode, {i: join(parts) for i, parts in outputs.items()})
+        if mode == "fused":
+            result.input_grads = await self._input_grads(sp, step, micro_batches, grad_to_user, inputs)
+        return result
+
+    async def backward(
+        self, key: str, result: StepResult, out_grads: dict[int, torch.Tensor | None], grad_to_user: list[str],
+        inputs: Sequence[torch.Tensor], micro_batches: int,
+    ) -> dict[str, torch.Tensor]:
+        """Back-propagate a "later" step: the owner's output gradients go to the last stage."""
+        assert self.job is not None
+        sp = self.programs[key].split
+        last = self.job.stages[-1]
+
+        async def feed() -> None:
+            for i, grad in out_grads.items():
+                like = result.outputs[i]
+                pieces = torch.tensor_split(grad, micro_batches) if grad is not None and grad.dim() > 0 else None
+                for m in range(micro_batches):
+                    if grad is None:
+                        piece = NONE_MARKER
+                    elif pieces is None:  # a scalar output: the mean of the micro-batches' values
+                        piece = grad / micro_batches
+                    else:
+                        piece = pieces[m]
+                    await last.link.send(Lane.OUT_GRAD, result.step, m, i, piece if like.numel() else NONE_MARKER)
+
+        cmd = RunBackward(key=key, step=result.step, micro_batches=micro_batches, grad_to_user=grad_to_user)  # type: ignore[arg-type]
+        async with trio.open_nursery() as n:
+            n.start_soon(feed)
+            await self.job.broadcast(lambda ref: cmd)
+        return await self._input_grads(sp, result.step, micro_batches, grad_to_user, inputs)
+
+    async def _input_grads(
+        self, sp: Split, step: int, micro_batches: int, names: list[str], inputs: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        assert self.job is not None
+        out = {}
+        for name in names:
+            i = sp.user_inputs.index(name)
+            ref = self.job.stages[sp.input_stage[name]]
+            pieces = []
+            for m, like in enumerate(torch.tensor_split(inputs[i], micro_batches)):
+                grad = from_marker(await ref.link.recv(Lane.USER_GRAD, step, m, i), like)
+                pieces.append(grad if grad is not None else torch.zeros_like(like))
+            out[name] = torch.cat(pieces)
+        return out
+
+    async def commit(self, step: int, scale: float) -> None:
+        assert self.job is not None
+        await self.job.broadcast(lambda ref: CommitGrads(step=step, scale=scale))
+
+    # -- optimizer and gradients ---------------------------------------------------------------------------
+
+    async def make_optimizer(self, name: str, hyper: dict[str, Any]) -> None:
+        assert self.job is not None
+        await self.job.broadcast(lambda ref: MakeOptimizer(name=name, hyper=hyper))
+
+    async def optimizer_step(self, hyper: dict[str, Any]) -> None:
+        assert self.job is not None
+        await self.sync_tied()
+        await self.job.broadcast(lambda ref: OptimizerStep(hyper=hyper))
+
+    async def zero_grad(self) -> None:
+        assert self.job is not None
+        self.tied_total.clear()
+        await self.job.broadcast(lambda ref: ZeroGrad())
+
+    async def clip_grad_norm(self, max_norm: float) -> float:
+        """Global norm over every stage (a tied weight counted once), then one scale for all."""
+        assert self.job is not None
+        await self.sync_tied()
+        ties = self.programs["train"].split.ties
+
+        def ask(ref: StageRef) -> GradSquares:
+            return GradSquares(exclude=[n for n, holders in ties.items() if ref.index != holders[0]])
+
+        replies = await self.job.broadcast(ask)
+        total = math.sqrt(sum(r.value for r in replies))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            await self.job.broadcast(lambda ref: ScaleGrads(factor=coef))
+            self.tied_total = {n: t * coef for n, t in self.tied_total.items()}
+        return total
+
+    async def sync_tied(self) -> None:
+        """Sum the gradients of weights held by several stages (GPT-2's wte and lm_head), so every copy
+        takes the same optimizer step. Contributions since the last sum are counted once."""
+        assert self.job is not None
+        ties = self.programs["train"].split.ties if "train" in self.programs else {}
+        if not ties:
+            return
+        names_by_stage: dict[int, list[str]] = {}
+        for name, holders in ties.items():
+            for k in holders:
+                names_by_stage.setdefault(k, []).append(name)
+        fetched: dict[str, list[torch.Tensor]] = {}
+        for k, names in names_by_stage.items():
+            for name, grad in zip(names, await self.fetch(self.job.stages[k], "grads", names), strict=True):
+                fetched.setdefault(name, []).append(grad)
+        totals = {}
+        for name, grads in fetched.items():
+            before = self.tied_total.get(name)
+            total = sum(grads[1:], grads[0].clone()) if before is None else before + sum(g - before for g in grads)
+            totals[name] = total
+        for k, names in names_by_stage.items():
+            ref = self.job.stages[k]
+            await self.job.send_blob(ref, [totals[n] for n in names])
+            await self.job.command(ref, SetGrads(names=names))
+        self.tied_total = totals
+
+    async def fetch(self, ref: StageRef, what: str, names: list[str]) -> list[torch.Tensor]:
+        assert self.job is not None
+        reply = await self.job.command(ref, SendTensors(what=what, names=names))  # type: ignore[arg-type]
+        return await self.job.recv_blob(ref, len(reply.names))
+
+    async def state(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters and buffers, by the original model's names."""
+        assert self.job is not None
+        merged: dict[str, torch.Tensor] = {}
+        for ref in self.job.stages:
+            reply = await self.job.command(ref, SendTensors(what="state", names=[]))
+            tensors = await self.job.recv_blob(ref, len(reply.names))
+            for name, tensor in zip(reply.names, tensors, strict=True):
+                merged.setdefault(name, tensor)
+        return merged
+
+    async def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every stage's optimizer state, by parameter name (a tied weight once)."""
+        assert self.job is not None
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for ref in self.job.stages:
+            reply = await self.job.command(ref, SendTensors(what="optimizer", names=[]))
+            tensors = await self.job.recv_blob(ref, len(reply.names))
+            for full, tensor in zip(reply.names, tensors, strict=True):
+                name, _, key = full.rpartition(":")
+                state.setdefault(name, {}).setdefault(key, tensor)
+        return state
+
+    async def close(self) -> None:
+        if self.job is not None:
+            await self.job.close()
+
+
+def slots(sp: Split, k: int) -> tuple[list[InputSlot], list[OutputSlot]]:
+    """Where part ``k``'s inputs come from and where its outputs go, as link indices."""
+    part = sp.parts[k]
+    inputs = []
+    for name in part.inputs:
+        if name in sp.user_inputs and sp.input_stage[name] == k:
+            inputs.append(InputSlot(name=name, source="user", idx=sp.user_inputs.index(name)))
+        else:
+            inputs.append(InputSlot(name=name, source="prev", idx=sp.parts[k - 1].outputs.index(name)))
+    last = k == len(sp.parts) - 1
+    outputs = [
+        OutputSlot(name=name, dest="user" if last else "next", idx=i) for i, name in enumerate(part.outputs)
+    ]
+    return inputs, outputs
+
+
+def join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batch results as one: scalars (losses) are averaged, everything else concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].dim() == 0:
+        return torch.stack(parts).mean()
+    return torch.cat(parts)
+
+
+__all__ = ["Driver", "PipelineError", "StepResult"]

@@ -1,0 +1,136 @@
+"""Links: how a stage exchanges tensors with its neighbours, by lane and by (step, micro-batch, index).
+
+A job has one data-plane channel per pair of peers; several kinds of traffic share it (a worker's
+owner may also be its previous stage in private mode). Every frame's route says its lane and slot, a
+reader task files arriving tensors in a mailbox, and whoever needs one waits for its key, so the order
+in which frames arrive never matters. A LocalLink pair connects two stages in one process.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import torch
+import trio
+
+from tensorlink.transport import Channel, ChannelError
+from tensorlink.wire.frame import Route
+
+Key = tuple[int, int, int, int]  # lane, step, micro-batch, index
+
+
+class Lane(enum.IntEnum):
+    FWD = 0  # activations from the previous stage
+    BWD = 1  # gradients from the next stage
+    USER_IN = 2  # the owner's inputs to a stage
+    USER_GRAD = 3  # gradients of the owner's inputs, back to the owner
+    USER_OUT = 4  # model outputs, to the owner
+    OUT_GRAD = 5  # gradients of the model outputs, from the owner to the last stage
+    BLOB = 6  # programs, weights and gradients fetched or set by the owner
+
+
+class LinkClosed(Exception):
+    """The link's channel failed; the message names the peer and why."""
+
+
+class Mailbox:
+    """Tensors that arrived, by key, until someone takes them."""
+
+    def __init__(self) -> None:
+        self._items: dict[Key, torch.Tensor] = {}
+        self._waiting: dict[Key, trio.Event] = {}
+        self.error: str | None = None
+
+    def put(self, key: Key, tensor: torch.Tensor) -> None:
+        self._items[key] = tensor
+        event = self._waiting.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def get(self, key: Key) -> torch.Tensor:
+        while key not in self._items:
+            if self.error is not None:
+                raise LinkClosed(self.error)
+            event = self._waiting.setdefault(key, trio.Event())
+            await event.wait()
+        return self._items.pop(key)
+
+    def fail(self, reason: str) -> None:
+        self.error = reason
+        for event in self._waiting.values():
+            event.set()
+        self._waiting.clear()
+
+    def drop_before(self, step: int, lanes: tuple[Lane, ...]) -> None:
+        """Forget activations and gradients of earlier steps nobody will read (e.g. gradients sent for
+        inputs whose producer needed none)."""
+        for key in [k for k in self._items if k[0] in lanes and k[1] < step]:
+            del self._items[key]
+
+
+class Link(Protocol):
+    async def send(self, lane: Lane, step: int, micro_batch: int, index: int, tensor: torch.Tensor) -> None: ...
+
+    async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor: ...
+
+
+class ChannelLink:
+    """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames."""
+
+    def __init__(self, channel: Channel, job: bytes) -> None:
+        self.channel = channel
+        self.job = job
+        self.mailbox = Mailbox()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                tensor, route = await self.channel.recv()
+                lane, index = route.stage >> 24, route.stage & 0xFFFFFF
+                # Out of the channel's pool at once: a stage may keep activations for many micro-batches.
+                self.mailbox.put((lane, route.step, route.micro_batch, index), tensor.clone())
+        except ChannelError as exc:
+            self.mailbox.fail(f"channel to {self.channel.peer} closed: {exc.reason}")
+        except trio.Cancelled:
+            self.mailbox.fail(f"link to {self.channel.peer} stopped")
+            raise
+
+    async def send(self, lane: Lane, step: int, micro_batch: int, index: int, tensor: torch.Tensor) -> None:
+        route = Route(self.job, step, micro_batch, (int(lane) << 24) | index)
+        try:
+            await self.channel.send(tensor.detach().contiguous(), route)
+        except ChannelError as exc:
+            raise LinkClosed(f"channel to {self.channel.peer} closed: {exc.reason}") from None
+
+    async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor:
+        return await self.mailbox.get((int(lane), step, micro_batch, index))
+
+
+class LocalLink:
+    """One end of an in-process link (two stages, or a stage and its owner, in one process)."""
+
+    def __init__(self) -> None:
+        self.mailbox = Mailbox()
+        self.peer: LocalLink = self
+
+    @staticmethod
+    def pair() -> tuple[LocalLink, LocalLink]:
+        a, b = LocalLink(), LocalLink()
+        a.peer, b.peer = b, a
+        return a, b
+
+    async def send(self, lane: Lane, step: int, micro_batch: int, index: int, tensor: torch.Tensor) -> None:
+        self.peer.mailbox.put((int(lane), step, micro_batch, index), tensor.detach().clone())
+
+    async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor:
+        return await self.mailbox.get((int(lane), step, micro_batch, index))
+
+
+NONE_MARKER = torch.empty(0)  # sent where a gradient is None, so the receiver never waits for nothing
+
+
+def from_marker(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """``None`` for the marker (a gradient that does not exist), else the tensor."""
+    return None if tensor.numel() == 0 and like.numel() != 0 else tensor
+

@@ -1,0 +1,367 @@
+"""``tensorlink.offload(model)``: the user's model, its stages running on workers, used as before.
+
+    with tensorlink.LocalSwarm(workers=2) as swarm:
+        model = tensorlink.offload(model, network=swarm, micro_batches=8, schedule="1f1b")
+        opt = model.optimizer(torch.optim.AdamW, lr=3e-4)
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+
+The pipeline is set up on the first forward (the capture needs real input shapes). The returned module
+holds no weights of its own: ``state_dict()`` fetches them from the workers into the original module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.utils._pytree as pytree
+
+from tensorlink.ir import CaptureError
+from tensorlink.pipeline.client import Client
+from tensorlink.pipeline.driver import Driver, StepResult
+from tensorlink.pipeline.job import PipelineError
+from tensorlink.pipeline.optimizer import RemoteOptimizer
+from tensorlink.pipeline.schedule import SCHEDULES
+
+log = logging.getLogger(__name__)
+
+
+class OffloadError(ValueError):
+    """The model or the arguments cannot be offloaded as given; the message says how to fix it."""
+
+
+def offload(
+    model: torch.nn.Module,
+    network: Any,
+    *,
+    workers: int | None = None,
+    micro_batches: int = 1,
+    schedule: Literal["gpipe", "1f1b"] = "1f1b",
+    private: bool = False,
+    outputs: Literal["all", "loss"] = "all",
+    max_seq_len: int | None = None,
+) -> OffloadedModel:
+    """Spread ``model`` over workers of ``network`` (a LocalSwarm, or a list of validator multiaddrs).
+
+    ``outputs="loss"`` returns only the scalar loss the model computes (HF models given labels): the
+    workers then run forward and backward together (1F1B) and nothing else travels back. ``private``
+    keeps the first and the last stage on this machine, so inputs and labels never leave it.
+    ``max_seq_len`` bounds dim 1 of the inputs (default: the HF config's position limit)."""
+    if not isinstance(model, torch.nn.Module):
+        raise OffloadError(f"offload() takes a torch.nn.Module, not a {type(model).__name__}")
+    if schedule not in SCHEDULES:
+        raise OffloadError(f"schedule {schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
+    if micro_batches < 1:
+        raise OffloadError("micro_batches must be at least 1")
+    if outputs not in ("all", "loss"):
+        raise OffloadError('outputs must be "all" or "loss"')
+    addrs, validator_ids, available = _network(network)
+    n_workers = workers if workers is not None else available
+    if not n_workers or n_workers < 1:
+        raise OffloadError("say how many workers to use: offload(..., workers=N)")
+    config = getattr(model, "config", None)
+    if max_seq_len is None and config is not None:
+        max_seq_len = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    client = Client().start()
+    reached = client.call(client.connect, addrs)
+    validator = next((v for v in validator_ids if v in reached), None)
+    if validator is None:
+        client.close()
+        raise OffloadError(f"no validator reachable at {', '.join(addrs) or '(no address given)'}")
+    driver = Driver(
+        client,
+        validator,
+        workers=n_workers,
+        micro_batches=micro_batches,
+        schedule=schedule,
+        private=private,
+        max_seq_len=max_seq_len,
+    )
+    return OffloadedModel(model, client, driver, outputs=outputs)
+
+
+def _network(network: Any) -> tuple[list[str], list[str], int | None]:
+    """(validator addresses, their peer ids, workers known) from a LocalSwarm or a list of addresses."""
+    if hasattr(network, "validator_addrs"):
+        return list(network.validator_addrs), list(network.validator_peer_ids), len(network.workers)
+    if isinstance(network, str):
+        network = [network]
+    if isinstance(network, Sequence) and network and all(isinstance(a, str) for a in network):
+        ids = [a.rsplit("/p2p/", 1)[-1] for a in network if "/p2p/" in a]
+        if len(ids) != len(network):
+            raise OffloadError("validator addresses need /p2p/<peer id> at the end (the validator's start log shows it)")
+        return list(network), ids, None
+    raise OffloadError("network= takes a tensorlink.LocalSwarm or a list of validator multiaddrs")
+
+
+class _Pipeline(torch.autograd.Function):
+    """Autograd across the remote boundary: forward runs a step, backward commits (fused) or
+    back-propagates (later) it."""
+
+    @staticmethod
+    def forward(ctx: Any, model: OffloadedModel, result: StepResult, names: list[str], anchor: torch.Tensor, *grad_inputs: torch.Tensor) -> Any:  # type: ignore[override]
+        ctx.model, ctx.result, ctx.names = model, result, names
+        outs = tuple(result.outputs[i] for i in sorted(result.outputs))
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        model: OffloadedModel = ctx.model
+        result: StepResult = ctx.result
+        order = sorted(result.outputs)
+        by_output = dict(zip(order, grads, strict=True))
+        input_grads = model._backward(result, by_output, ctx.names)
+        return (None, None, None, None, *[input_grads.get(n) for n in ctx.names])
+
+
+class OffloadedModel(torch.nn.Module):
+    """The offloaded model. Call it like the original; see ``offload``."""
+
+    def __init__(self, module: torch.nn.Module, client: Client, driver: Driver, *, outputs: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "local", module)  # not a submodule: its weights live on the workers
+        self.client = client
+        self.driver = driver
+        self.outputs = outputs
+        self.train(module.training)
+        self._signature: tuple[Any, ...] | None = None
+        self._optimizer: tuple[str, dict[str, Any]] | None = None
+        self._inputs: list[torch.Tensor] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+
+    # -- the model's call -----------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            if not isinstance(value, torch.Tensor):
+                raise OffloadError(
+                    f"input {key!r} is a {type(value).__name__}; an offloaded model takes tensors only "
+                    "(settings such as use_cache belong in the model's config)"
+                )
+        signature = (len(args), tuple(kwargs), tuple((t.dtype, t.dim()) for t in [*args, *kwargs.values()]))
+        inputs = [*args, *kwargs.values()]
+        if self._signature is None:
+            self._start(args, kwargs)
+            self._signature = signature
+        elif signature != self._signature:
+            raise OffloadError(
+                "this offloaded model was set up for other inputs (names, dtypes or ranks); call it the "
+                "same way every time, or offload a second copy for the other use"
+            )
+        program = self.driver.programs["train"]
+        n_micro = min(self.driver.micro_batches, *(t.shape[0] for t in inputs if t.dim() > 0))
+        wants_grad = torch.is_grad_enabled()
+        loss_index = _loss_output(program)
+        if self.outputs == "loss":
+            if loss_index is None:
+                raise OffloadError('outputs="loss" needs a model that returns a scalar loss (give it labels)')
+            to_user = [loss_index]
+        else:
+            to_user = list(range(len(program.split.model_outputs)))
+        grad_names = [
+            name for name, t in zip(program.split.user_inputs, inputs, strict=True) if t.requires_grad and wants_grad
+        ]
+        mode = "none"
+        if wants_grad:
+            mode = "fused" if self.outputs == "loss" else "later"
+        result = self.client.call(
+            lambda: self.driver.run(
+                "train",
+                inputs,
+                mode=mode,
+                training=self.training,
+                loss_output=loss_index if loss_index is not None else -1,
+                to_user=to_user,
+                grad_to_user=grad_names,
+                micro_batches=n_micro,
+            )
+        )
+        self._inputs = inputs
+        self._n_micro = n_micro
+        if mode != "none":
+            grad_inputs = [t for t in inputs if t.requires_grad and wants_grad]
+            values = _Pipeline.apply(self, result, grad_names, self._anchor, *grad_inputs)
+            result.outputs = dict(zip(sorted(result.outputs), values, strict=True))
+        return _structure(program, result.outputs)
+
+    def _backward(self, result: StepResult, grads: dict[int, torch.Tensor | None], names: list[str]) -> dict[str, torch.Tensor]:
+        if result.mode == "fused":
+            (loss_index,) = result.outputs
+            grad = grads[loss_index]
+            scale = float(grad) if grad is not None else 0.0
+            self.client.call(self.driver.commit, result.step, scale)
+            return {n: g * scale for n, g in result.input_grads.items()}
+        return self.client.call(
+            lambda: self.driver.backward("train", result, grads, names, self._inputs, self._n_micro)
+        )
+
+    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Capture, plan and open the pipeline on the first call's shapes; errors before any work."""
+        n = min(self.driver.micro_batches, *(t.shape[0] for t in [*args, *kwargs.values()] if t.dim() > 0))
+        first = [torch.tensor_split(t, n)[0] if t.dim() > 0 else t for t in args]
+        first_kw = {k: torch.tensor_split(t, n)[0] if t.dim() > 0 else t for k, t in kwargs.items()}
+        example = _example(first, first_kw)
+        try:
+            program = self.driver.capture(self.local, *example, train=self.training)
+        except CaptureError as exc:
+            raise OffloadError(f"the model cannot be captured for the workers: {exc}") from None
+        self.client.call(self.driver.open, program, [*first, *first_kw.values()])
+        if self._optimizer is not None:
+            self.client.call(self.driver.make_optimizer, *self._optimizer)
+
+    # -- training helpers --------------------------------------------------------------------------------
+
+    def optimizer(self, cls: type[torch.optim.Optimizer] | str, **hyper: Any) -> RemoteOptimizer:
+        """An optimizer that runs on every worker for that worker's parameters (``cls`` must be one of
+        torch's optimizers; see tensorlink.worker.runtime.OPTIMIZERS)."""
+        opt = RemoteOptimizer(self, cls, **hyper)
+        self._optimizer = (opt.name, opt.hyper())
+        if self._signature is not None:
+            self.client.call(self.driver.make_optimizer, *self._optimizer)
+        return opt
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ across every stage; returns the total norm before clipping."""
+        self._require_started()
+        return torch.tensor(self.client.call(self.driver.clip_grad_norm, float(max_norm)))
+
+    def _require_started(self) -> None:
+        if self._signature is None:
+            raise OffloadError("the pipeline starts on the first forward call; run one first")
+
+    # -- weights --------------------------------------------------------------------------------------------
+
+    def fetch(self) -> torch.nn.Module:
+        """Copy the workers' current weights into the original module and return it."""
+        if self._signature is None:
+            return self.local
+        state = self.client.call(self.driver.state)
+        own = dict(self.local.named_parameters(remove_duplicate=False)) | dict(self.local.named_buffers())
+        ties = {alias: group[0] for group in self.driver.programs["train"].whole.tie_groups for alias in group}
+        with torch.no_grad():
+            for name, target in own.items():
+                source = state.get(name, state.get(ties.get(name, name)))
+                if source is not None:
+                    target.copy_(source)
+        return self.local
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """The trained weights, fetched from the workers, under the original module's names."""
+        return self.fetch().state_dict(*args, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+        """For HF models: fetch the weights and save with the model's own save_pretrained."""
+        save = getattr(self.local, "save_pretrained", None)
+        if save is None:
+            raise OffloadError("save_pretrained exists for Hugging Face models only; use torch.save(model.state_dict())")
+        self.fetch()
+        save(path, **kwargs)
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **unsupported: Any) -> torch.Tensor:
+        """Greedy decoding for HF causal LMs, on the workers with the trained weights."""
+        if unsupported:
+            raise OffloadError(f"generate() supports greedy decoding only; not: {', '.join(sorted(unsupported))}")
+        self._require_started()
+        if "eval" not in self.driver.programs:
+            program = self.driver.capture(self.local, (), {"input_ids": input_ids}, train=False)
+            self.client.call(self.driver.load, "eval", program)
+        config = getattr(self.local, "config", None)
+        eos = getattr(config, "eos_token_id", None)
+        pad = getattr(config, "pad_token_id", None)
+        pad = eos if pad is None else pad
+        ids = input_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        program = self.driver.programs["eval"]
+        logits_index = _logits_output(program)
+        for _ in range(max_new_tokens):
+            result = self.client.call(
+                lambda: self.driver.run(
+                    "eval", [ids], mode="none", training=False, loss_output=-1, to_user=[logits_index],
+                    grad_to_user=[], micro_batches=1,
+                )
+            )
+            token = result.outputs[logits_index][:, -1, :].argmax(-1)
+            if eos is not None:
+                token = torch.where(done, torch.full_like(token, pad), token)
+                done |= token == eos
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            if eos is not None and bool(done.all()):
+                break
+        return ids
+
+    def close(self) -> None:
+        """Release the workers and stop the client (also at interpreter exit)."""
+        if self.client is not None:
+            try:
+                self.client.call(self.driver.close)
+            except Exception as exc:  # the network may be gone already
+                log.info("closing the pipeline: %s", exc)
+            self.client.close()
+
+    def stages(self) -> list[dict[str, Any]]:
+        """Where each stage runs and what it holds (for logs and the demo)."""
+        job, program = self.driver.job, self.driver.programs.get("train")
+        if job is None or program is None:
+            return []
+        sizes = {name: p.numel() for name, p in self.local.named_parameters(remove_duplicate=False)}
+        return [
+            {
+                "stage": ref.index,
+                "where": ref.peer or "this machine",
+                "parameters": sum(sizes.get(p, 0) for p in program.split.parts[ref.index].params),
+                "params": list(program.split.parts[ref.index].params),
+            }
+            for ref in job.stages
+        ]
+
+
+def _example(args: list[torch.Tensor], kwargs: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Examples of at least 2 rows (a batch of 1 would be specialised away by torch.export)."""
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() > 0 and t.shape[0] == 1 else t
+
+    return tuple(widen(t) for t in args), {k: widen(t) for k, t in kwargs.items()}
+
+
+def _loss_output(program: Any) -> int | None:
+    sig = program.whole.program.signature
+    if sig.output == "dict" and "loss" in sig.output_keys:
+        return sig.output_keys.index("loss")
+    if sig.output == "tensor":
+        return 0
+    return None
+
+
+def _logits_output(program: Any) -> int:
+    sig = program.whole.program.signature
+    if sig.output == "dict":
+        if "logits" not in sig.output_keys:
+            raise OffloadError("generate() needs a model whose output has logits (a causal LM)")
+        return sig.output_keys.index("logits")
+    return 0
+
+
+def _structure(program: Any, outputs: dict[int, torch.Tensor]) -> Any:
+    """The model's own output structure (e.g. an HF ModelOutput); outputs not fetched are None."""
+    sig = program.whole.program.signature
+    n = len(program.split.model_outputs)
+    leaves = [outputs.get(i) for i in range(n)]
+    if program.out_spec is not None:
+        return pytree.tree_unflatten(leaves, program.out_spec)
+    if sig.output == "tensor":
+        return leaves[0]
+    if sig.output == "tuple":
+        return tuple(leaves)
+    return dict(zip(sig.output_keys, leaves, strict=True))
+
+
+__all__ = ["OffloadError", "OffloadedModel", "PipelineError", "offload"]

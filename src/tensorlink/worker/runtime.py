@@ -1,0 +1,365 @@
+"""StageRuntime: one pipeline stage of one job, its whole state explicit.
+
+State: the loaded stage programs (a training one, and an eval one for generation that shares its
+weights by name), the optimizer and its state, the activations kept for backward, and the gradients
+of a fused step waiting for the owner's backward. Compute runs in a worker thread so the event loop
+keeps moving frames while a micro-batch computes; sends go out from tasks of their own, so a stage
+never waits on a slow neighbour before starting its next micro-batch.
+
+Randomness is seeded per (job, step, micro-batch, stage), so recomputing a micro-batch (proof of
+learning) or handing the stage to another worker (fault tolerance) gives the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from tensorlink.ir import StageModule, load
+from tensorlink.pipeline.links import NONE_MARKER, Lane, Link, from_marker
+from tensorlink.pipeline.schedule import actions
+from tensorlink.wire.stage import InputSlot, OutputSlot, RunBackward, RunStep
+
+# Optimizers a job may name, and the hyper-parameters each may set: no user code reaches a worker.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    cls.__name__: cls
+    for cls in (
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adagrad,
+        torch.optim.Adadelta,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+    )
+}
+HYPER_KEYS = frozenset(
+    {"lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
+     "maximize", "lr_decay", "initial_accumulator_value", "rho", "momentum_decay", "decoupled_weight_decay"}
+)  # fmt: skip
+
+
+class StageError(Exception):
+    """A command this stage cannot carry out; ``code`` is machine-readable, the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LoadedProgram:
+    module: StageModule
+    inputs: list[InputSlot]
+    outputs: list[OutputSlot]
+
+
+@dataclass
+class FusedGrads:
+    """Gradients of a fused step, kept apart until the owner's backward says how to scale them."""
+
+    step: int
+    before: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+def seed_of(job: bytes, step: int, micro_batch: int, stage: int) -> int:
+    digest = hashlib.sha256(job + step.to_bytes(8, "little") + micro_batch.to_bytes(4, "little")).digest()
+    return int.from_bytes(digest[:8], "little") ^ stage
+
+
+def check_hyper(name: str, hyper: dict[str, Any]) -> type[torch.optim.Optimizer]:
+    """The optimizer class for ``name`` if it and every hyper-parameter are allowed."""
+    cls = OPTIMIZERS.get(name)
+    if cls is None:
+        raise StageError(
+            "optimizer_not_allowed", f"optimizer {name!r} is not allowed; use one of {', '.join(sorted(OPTIMIZERS))}"
+        )
+    unknown = sorted(set(hyper) - HYPER_KEYS)
+    if unknown:
+        raise StageError("bad_hyper", f"{name} hyper-parameters not allowed here: {', '.join(unknown)}")
+    return cls
+
+
+class StageRuntime:
+    """Runs stage ``stage`` of ``n_stages`` for ``job``. ``links`` maps "prev", "next" and "user" to
+    the links this stage talks on (missing: that neighbour does not exist)."""
+
+    def __init__(
+        self,
+        job: bytes,
+        stage: int,
+        n_stages: int,
+        links: dict[str, Link],
+        *,
+        device: str = "cpu",
+        max_memory_bytes: int = 8 << 30,
+    ) -> None:
+        self.job = job
+        self.stage = stage
+        self.n_stages = n_stages
+        self.links = links
+        self.device = torch.device(device)
+        self.max_memory_bytes = max_memory_bytes
+        self.programs: dict[str, LoadedProgram] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.stash: dict[tuple[int, int], tuple[list[torch.Tensor], list[Any]]] = {}
+        self.fused: FusedGrads | None = None
+        self.steps_run = 0
+        self._sends: trio.Nursery | None = None
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    @property
+    def train_module(self) -> StageModule:
+        if "train" not in self.programs:
+            raise StageError("no_program", "no training program is loaded on this stage")
+        return self.programs["train"].module
+
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.train_module.named_parameters())
+
+    def load(self, key: str, data: bytes, inputs: list[InputSlot], outputs: list[OutputSlot]) -> None:
+        """Validate and build a stage program (IR load: no user code). A second program takes the first
+        one's live parameters and buffers by name, so generation sees the trained weights."""
+        module = load(data, device=self.device, train=key == "train", max_memory_bytes=self.max_memory_bytes)
+        if key != "train" and "train" in self.programs:
+            _share_state(self.programs["train"].module, module)
+        self.programs[key] = LoadedProgram(module, inputs, outputs)
+
+    def state_tensors(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        state = self.train_module.state_dict(keep_vars=False)
+        if not names:
+            return list(state.items())
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise StageError("unknown_tensor", f"this stage holds no tensor named {missing[0]!r}")
+        return [(n, state[n]) for n in names]
+
+    def grad_tensors(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        params = self.parameters()
+        out = []
+        for name in names:
+            if name not in params:
+                raise StageError("unknown_tensor", f"this stage holds no parameter named {name!r}")
+            grad = params[name].grad
+            out.append((name, grad if grad is not None else torch.zeros_like(params[name])))
+        return out
+
+    def set_grads(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        params = self.parameters()
+        for name, grad in named:
+            param = params.get(name)
+            if param is None or grad.shape != param.shape or grad.dtype != param.dtype:
+                raise StageError("bad_tensor", f"gradient for {name!r} does not match the parameter")
+            param.grad = grad.to(param.device)
+
+    # -- optimizer -------------------------------------------------------------------------------------
+
+    def make_optimizer(self, name: str, hyper: dict[str, Any]) -> None:
+        cls = check_hyper(name, hyper)
+        params = list(self.parameters().values())
+        try:
+            self.optimizer = cls(params, **_hyper_values(hyper))
+        except (TypeError, ValueError) as exc:
+            raise StageError("bad_hyper", f"{name}: {exc}") from None
+
+    def optimizer_step(self, hyper: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            raise StageError("no_optimizer", "no optimizer on this stage: create one with model.optimizer(...)")
+        check_hyper(type(self.optimizer).__name__, hyper)
+        for group in self.optimizer.param_groups:
+            group.update(_hyper_values(hyper))
+        self._settle_fused()
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self._settle_fused()
+        for param in self.parameters().values():
+            param.grad = None
+
+    def optimizer_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's per-parameter state as ``<parameter>:<key>`` tensors (empty before a step)."""
+        if self.optimizer is None:
+            return []
+        out = []
+        for name, param in self.parameters().items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out.append((f"{name}:{key}", value if isinstance(value, torch.Tensor) else torch.tensor(value)))
+        return out
+
+    def grad_squares(self, exclude: list[str]) -> float:
+        total = 0.0
+        for name, param in self.parameters().items():
+            if param.grad is not None and name not in exclude:
+                total += float(param.grad.detach().double().pow(2).sum())
+        return total
+
+    def scale_grads(self, factor: float) -> None:
+        for param in self.parameters().values():
+            if param.grad is not None:
+                param.grad.mul_(factor)
+
+    # -- fused steps: gradients computed before the owner's backward ---------------------------------
+
+    def _begin_fused(self, step: int) -> None:
+        self._settle_fused()
+        params = self.parameters()
+        self.fused = FusedGrads(step, {name: p.grad for name, p in params.items()})
+        for p in params.values():
+            p.grad = None
+
+    def commit(self, step: int, scale: float) -> None:
+        """Add ``scale`` × this step's fused gradients to what the parameters had before the step."""
+        fused = self.fused
+        if fused is None or fused.step != step:
+            raise StageError("no_fused_step", f"no fused gradients of step {step} wait here")
+        for name, p in self.parameters().items():
+            contribution = p.grad
+            if contribution is not None and scale != 1.0:
+                contribution = contribution * scale
+            before = fused.before.get(name)
+            p.grad = before if contribution is None else contribution if before is None else before + contribution
+        self.fused = None
+
+    def _settle_fused(self) -> None:
+        """A fused step the owner never back-propagated (it only looked at the loss): drop its
+        gradients and restore the earlier ones."""
+        if self.fused is None:
+            return
+        for name, p in self.parameters().items():
+            p.grad = self.fused.before.get(name)
+        self.fused = None
+
+    # -- running micro-batches -------------------------------------------------------------------------
+
+    async def run_step(self, cmd: RunStep) -> None:
+        program = self._program(cmd.key)
+        backward = cmd.backward != "none"
+        for key in [k for k in self.stash if k[0] < cmd.step]:
+            del self.stash[key]  # a "later" step the owner never back-propagated
+        if cmd.backward == "fused":
+            self._begin_fused(cmd.step)
+        program.module.train(cmd.key == "train" and cmd.training)
+        order = actions(cmd.schedule, self.stage, self.n_stages, cmd.micro_batches, cmd.backward == "fused")
+        async with trio.open_nursery() as sends:
+            self._sends = sends
+            try:
+                for kind, mb in order:
+                    if kind == "F":
+                        await self._forward(program, cmd, mb, keep=backward)
+                    else:
+                        await self._backward(program, cmd.step, mb, cmd)
+            finally:
+                self._sends = None
+        self.steps_run += 1
+
+    async def run_backward(self, cmd: RunBackward) -> None:
+        program = self._program(cmd.key)
+        async with trio.open_nursery() as sends:
+            self._sends = sends
+            try:
+                for mb in range(cmd.micro_batches):
+                    await self._backward(program, cmd.step, mb, None, cmd.grad_to_user)
+            finally:
+                self._sends = None
+
+    def _program(self, key: str) -> LoadedProgram:
+        if key not in self.programs:
+            raise StageError("no_program", f"no {key} program is loaded on this stage")
+        return self.programs[key]
+
+    def _link(self, role: str) -> Link:
+        link = self.links.get(role)
+        if link is None:
+            raise StageError("no_link", f"stage {self.stage} has no {role} link")
+        return link
+
+    async def _forward(self, program: LoadedProgram, cmd: RunStep, mb: int, keep: bool) -> None:
+        values = []
+        for slot in program.inputs:
+            lane = Lane.FWD if slot.source == "prev" else Lane.USER_IN
+            tensor = await self._link(slot.source).recv(lane, cmd.step, mb, slot.idx)
+            if keep and tensor.is_floating_point():
+                tensor.requires_grad_(True)
+            values.append(tensor.to(self.device))
+        seed = seed_of(self.job, cmd.step, mb, self.stage)
+        module = program.module
+
+        def compute() -> list[Any]:
+            torch.manual_seed(seed)
+            with torch.set_grad_enabled(keep):
+                out = module(*values)
+            return list(out) if isinstance(out, tuple) else [out]
+
+        outputs = await trio.to_thread.run_sync(compute)
+        if keep:
+            self.stash[(cmd.step, mb)] = (values, outputs)
+        wanted = set(cmd.to_user)
+        for slot, out in zip(program.outputs, outputs, strict=True):
+            if slot.dest == "user" and slot.idx not in wanted:
+                continue
+            lane = Lane.FWD if slot.dest == "next" else Lane.USER_OUT
+            self._send(slot.dest, lane, cmd.step, mb, slot.idx, out)
+
+    async def _backward(
+        self, program: LoadedProgram, step: int, mb: int, fused: RunStep | None, grad_to_user: list[str] | None = None
+    ) -> None:
+        if (step, mb) not in self.stash:
+            raise StageError("no_activations", f"no activations of step {step}, micro-batch {mb} are kept here")
+        values, outputs = self.stash.pop((step, mb))
+        roots, grads = [], []
+        for slot, out in zip(program.outputs, outputs, strict=True):
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                continue
+            if slot.dest == "next":
+                grad = from_marker(await self._link("next").recv(Lane.BWD, step, mb, slot.idx), out)
+            elif fused is not None:
+                grad = torch.full_like(out, fused.loss_scale) if slot.idx == fused.loss_output else None
+            else:
+                grad = from_marker(await self._link("user").recv(Lane.OUT_GRAD, step, mb, slot.idx), out)
+            if grad is not None:
+                roots.append(out)
+                grads.append(grad.to(out.device))
+        if roots:
+            await trio.to_thread.run_sync(lambda: torch.autograd.backward(roots, grads))
+        wanted_by_user = set(fused.grad_to_user if fused is not None else grad_to_user or [])
+        for slot, value in zip(program.inputs, values, strict=True):
+            if not value.is_floating_point() or (slot.source == "user" and slot.name not in wanted_by_user):
+                continue
+            lane = Lane.BWD if slot.source == "prev" else Lane.USER_GRAD
+            grad = value.grad if value.grad is not None else NONE_MARKER
+            self._send(slot.source, lane, step, mb, slot.idx, grad)
+
+    def _send(self, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
+        assert self._sends is not None
+        self._sends.start_soon(self._link(role).send, lane, step, mb, idx, tensor.detach().cpu())
+
+
+def _hyper_values(hyper: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
+
+
+def _share_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Point ``target``'s parameters and buffers at ``source``'s tensors of the same names."""
+    src_params = dict(source.named_parameters())
+    src_buffers = dict(source.named_buffers())
+    for name, _ in list(target.named_parameters()):
+        if name not in src_params:
+            raise StageError("cannot_share", f"the eval program needs {name!r}, which this stage does not hold")
+        owner, leaf = _owner(target, name)
+        owner._parameters[leaf] = src_params[name]
+    for name, _ in list(target.named_buffers()):
+        if name in src_buffers:
+            owner, leaf = _owner(target, name)
+            owner._buffers[leaf] = src_buffers[name]
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
