@@ -16,3 +16,16 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         f"({exc}). Build it from the project root with `make install` (or "
         "`pip install --no-build-isolation -e .` inside a venv that already has torch==2.13.0)."
     ) from exc
+
+__all__ = ["LocalSwarm", "OffloadError", "OffloadedModel", "offload"]
+
+
+def __getattr__(name: str) -> object:
+    """The public surface, imported on first use: a node process never pays for the pipeline's imports."""
+    if name in ("offload", "OffloadedModel", "OffloadError"):
+        from tensorlink.pipeline import offload as module
+    elif name == "LocalSwarm":
+        from tensorlink.pipeline import swarm as module  # type: ignore[no-redef]
+    else:
+        raise AttributeError(f"module 'tensorlink' has no attribute {name!r}")
+    return getattr(module, name)

@@ -320,3 +320,58 @@ def captured(name: str, dropout: float = 0.0, train: bool = True) -> bytes:
     args, kwargs = case.inputs(*case.example)
     prog = capture(model, args, example_kwargs=kwargs or None, max_seq_len=case.max_seq_len, train=train)
     return prog.to_bytes()
+
+
+# --- whole models with a loss, for split() ------------------------------------------------------------------------
+
+
+class MLPLoss(nn.Module):
+    """An MLP that returns its loss: forward(x (B, T, 16), y (B, T, 8)) -> mean squared error. `h` (after `inp`)
+    skips `mid1` and `mid2` to the residual after `norm`, so a 3-stage split [inp | mid1 mid2 | norm out] passes it
+    through the middle stage; the buffer `scale` is used only by the last layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.mid1 = nn.Linear(32, 32)
+        self.mid2 = nn.Linear(32, 32)
+        self.norm = nn.LayerNorm(32)
+        self.out = nn.Linear(32, 8)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.inp(x))
+        z = self.mid2(torch.relu(self.mid1(h)))
+        out = self.out(self.norm(z) + h) * self.scale
+        return ((out - y) ** 2).mean()  # F.mse_loss would emit aten.broadcast_tensors, not allow-listed
+
+
+def mlp_loss(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLPLoss().train()
+
+
+def mlp_loss_inputs(batch: int, seq: int, seed: int = 5) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, seq, 16, generator=g), torch.randn(batch, seq, 8, generator=g))
+
+
+def lm_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """input_ids and (different) labels for a causal LM that computes its own loss."""
+    return {"input_ids": token_inputs(batch, seq)[0], "labels": token_inputs(batch, seq, seed=7)[0]}
+
+
+class CNNLoss(nn.Module):
+    """SmallCNN with a loss (mean squared logits): BatchNorm buffers updated in place inside a split model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).pow(2).mean()
+
+
+def cnn_loss(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return CNNLoss().train()

@@ -23,8 +23,14 @@ from tensorlink.wire.messages import (
     ErrorReply,
     Heartbeat,
     Hello,
+    JobPlan,
     JobRecord,
+    JobRequest,
     Message,
+    StageAssign,
+    StageAssigned,
+    StagePlacement,
+    UnitCost,
     ValidatorPresence,
     WorkerCapability,
     decode_message,
@@ -64,6 +70,16 @@ EXAMPLES: list[Message] = [
         observed="/ip4/198.51.100.2/tcp/51234",
         dialed=["/ip4/198.51.100.2/tcp/4001"],
     ),
+    JobRequest(job=JOB, owner=PEER, workers=2, units=[UnitCost(1e9, 4096, 512)] * 3, optimizer_slots=2),
+    JobPlan(
+        job=JOB,
+        validator=PEER,
+        n_stages=2,
+        unit_stage=[0, 0, 1],
+        placements=[StagePlacement(peer_id=PEER, addrs=[], stage=1, units=(2, 2), memory_bytes=9)],
+    ),
+    StageAssign(job=JOB, owner=PEER, validator=PEER, stage=1, n_stages=2, memory_bytes=9, prev=PEER),
+    StageAssigned(job=JOB, stage=1),
 ]
 
 HEARTBEAT = {"kind": "heartbeat", "peer_id": PEER, "role": "worker", "seq": 1, "time_ms": 5, "load": 0.5}
@@ -274,7 +290,7 @@ def test_oversized_check_counts_bytes_not_items() -> None:
 
 
 def test_max_message_bytes_is_the_largest_kind_cap() -> None:
-    assert MAX_MESSAGE_BYTES == max(t.max_bytes for t in MESSAGE_TYPES) == WorkerCapability.max_bytes
+    assert MAX_MESSAGE_BYTES == max(t.max_bytes for t in MESSAGE_TYPES) == JobRequest.max_bytes
 
 
 def test_error_reply_over_its_own_cap_under_the_global_cap() -> None:

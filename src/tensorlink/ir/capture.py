@@ -223,6 +223,7 @@ def _convert(
     signature = s.Signature(
         positional=positional, keywords=keywords, inputs=inputs, symbols=symbols, output=kind, output_keys=keys
     )
+    values, dim_ranges = _value_metas(ep)
     program = s.Program(
         ops_version=OPS_VERSION,
         captured_train=train,
@@ -236,8 +237,52 @@ def _convert(
         buffer_mutations={node: buf for node, buf in mutations.items()},
         tie_groups=list(ties.values()),
         storage_keys={n: _storage_key(state[n]) for n in parameters},
+        values=values,
+        dim_ranges=dim_ranges,
     )
-    return StageProgram(program, safetensors.torch.save(weights))
+    return StageProgram(program, safetensors.torch.save(weights), out_spec=ep.call_spec.out_spec)
+
+
+def _value_metas(ep: torch.export.ExportedProgram) -> tuple[dict[str, s.ValueMeta], dict[str, list[int]]]:
+    """dtype and symbolic shape of every tensor, and the expression of every size (SymInt), that the top-level
+    graph's user inputs and nodes produce, with the range of each size expression. split() needs them to give
+    stage inputs their InputSpecs and to re-derive sizes inside each stage instead of sending them."""
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+    ranges = {sym: ValueRanges(int(r.lower), _cap(r.upper)) for sym, r in ep.range_constraints.items() if r is not None}
+    dim_ranges: dict[str, list[int]] = {}
+
+    def expr(value: torch.SymInt | int) -> int | str:
+        if isinstance(value, int):
+            return value
+        e = value.node.expr
+        if e.is_number:
+            return int(e)
+        key = str(e)
+        if key not in dim_ranges:
+            bounds = bound_sympy(e, {k: v for k, v in ranges.items() if k in e.free_symbols})
+            low = int(bounds.lower) if bounds.lower.is_finite else 0
+            dim_ranges[key] = [max(low, 0), _cap(bounds.upper)]
+        return key
+
+    user_inputs = {spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind is InputKind.USER_INPUT}
+    values: dict[str, s.ValueMeta] = {}
+    for node in ep.graph.nodes:
+        if node.op not in ("placeholder", "call_function") or (
+            node.op == "placeholder" and node.name not in user_inputs
+        ):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype in _DTYPE_NAMES:
+            values[node.name] = s.ValueMeta(dtype=_DTYPE_NAMES[val.dtype], shape=[expr(d) for d in val.shape])
+        elif isinstance(val, torch.SymInt):
+            values[node.name] = s.ValueMeta(sym=str(expr(val)))
+    return values, dim_ranges
+
+
+def _cap(high: Any) -> int:
+    """A range's upper end as an int, with an unbounded one capped so that workers can bound memory."""
+    return UNBOUNDED_DIM_CAP if not getattr(high, "is_finite", True) or high > 2**31 else int(high)
 
 
 def _storage_key(tensor: torch.Tensor) -> str:

@@ -23,7 +23,8 @@ ATEN_OPS: frozenset[str] = frozenset(
         "aten.div.Tensor_mode", "aten.neg.default", "aten.pow.Tensor_Scalar", "aten.pow.Tensor_Tensor",
         "aten.rsqrt.default", "aten.sqrt.default", "aten.exp.default", "aten.log.default", "aten.abs.default",
         "aten.tanh.default", "aten.sigmoid.default", "aten.sin.default", "aten.cos.default", "aten.erf.default",
-        "aten.reciprocal.default", "aten.clamp.default", "aten.clamp_min.default", "aten.minimum.default",
+        "aten.reciprocal.default", "aten.square.default",
+        "aten.clamp.default", "aten.clamp_min.default", "aten.minimum.default",
         "aten.maximum.default", "aten.where.self", "aten.where.ScalarOther", "aten.masked_fill.Scalar",
         "aten.masked_fill.Tensor", "aten.__and__.Tensor", "aten.__or__.Tensor", "aten.bitwise_not.default",
         "aten.logical_not.default", "aten.eq.Tensor", "aten.eq.Scalar", "aten.ne.Tensor", "aten.ne.Scalar",
@@ -52,7 +53,7 @@ ATEN_OPS: frozenset[str] = frozenset(
         "aten.index.Tensor", "aten.gather.default", "aten.cat.default", "aten.stack.default",
         "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int",
         "aten.repeat.default", "aten.tril.default", "aten.triu.default", "aten.sym_size.int",
-        "aten.detach.default", "aten.pad.default", "aten.constant_pad_nd.default",
+        "aten.detach.default", "aten.broadcast_tensors.default", "aten.pad.default", "aten.constant_pad_nd.default",
         # creation (shapes are bounded by the dry run) and conversion
         "aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",
         "aten.zeros.default", "aten.ones.default", "aten.new_ones.default", "aten.new_zeros.default",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -35,6 +36,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
 class StageProgram:
     program: Program
     weights: bytes  # safetensors
+    # The capturing side's pytree spec of the outputs (e.g. an HF ModelOutput class): rebuilds the
+    # user's output structure there. Never serialized; a worker's copy has None.
+    out_spec: Any = field(default=None, compare=False, repr=False)
 
     @property
     def tie_groups(self) -> list[list[str]]:

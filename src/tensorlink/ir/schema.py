@@ -91,6 +91,21 @@ class Signature(msgspec.Struct, forbid_unknown_fields=True):
     output_keys: Annotated[list[Name], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
+DTypeName = Literal[
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"
+]  # fmt: skip
+Expr = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a sympy size expression: "s0", "s0*s1", "s1 + 1"
+
+
+class ValueMeta(msgspec.Struct, forbid_unknown_fields=True):
+    """What one value of the captured graph was, for splitting the program on the user's machine (workers
+    ignore it, and split() leaves it out of stage programs): a tensor's dtype and shape, or a size's expression."""
+
+    dtype: DTypeName | None = None  # None: not a tensor
+    shape: Annotated[list[int | Expr], msgspec.Meta(max_length=16)] = []
+    sym: Expr | None = None  # a size value (SymInt): its expression, e.g. "s70"
+
+
 class Program(msgspec.Struct, forbid_unknown_fields=True):
     ops_version: int
     captured_train: bool
@@ -106,3 +121,7 @@ class Program(msgspec.Struct, forbid_unknown_fields=True):
     # parameter name -> key of the storage it had at capture; equal keys in two stages captured in one
     # session mean one weight cut in two (GPT-2's wte and lm_head), whose gradients the pipeline must sum
     storage_keys: dict[Name, Annotated[str, msgspec.Meta(max_length=64)]] = {}
+    # Capture metadata for split(): tensor and size values of the top-level graph (user inputs and nodes), and the
+    # [min, max] of every size expression they use (capped like Signature.symbols). Empty in stage programs.
+    values: dict[Name, ValueMeta] = {}
+    dim_ranges: dict[Expr, Range] = {}

@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="AEAD of the direct channels this node opens; it accepts either (default: aes-128-gcm, ~20%% "
         "faster on CPUs without VAES)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        dest="torch_threads",
+        help="CPU threads torch may use for stages (default: torch's default, one per core); lower it when "
+        "several nodes share a machine",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_port": args.data_port,
         "direct_channels": args.direct_channels,
         "channel_cipher": args.channel_cipher,
+        "torch_threads": args.torch_threads,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

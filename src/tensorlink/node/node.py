@@ -23,13 +23,15 @@ from tensorlink.node.config import NodeConfig
 from tensorlink.node.status import StatusServer
 from tensorlink.p2p.dht import Directory
 from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
-from tensorlink.p2p.host import check_bootstrap, make_host, parse_multiaddr
+from tensorlink.p2p.host import check_bootstrap, make_host, parse_multiaddr, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
 from tensorlink.p2p.reachability import DialBack, Reachability, open_dial_back
 from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, VerifiedRecord
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
 from tensorlink.transport import ChannelService, TransportConfig
+from tensorlink.validator.service import JOB_PROTOCOL, JobService
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
+from tensorlink.worker.assignments import ASSIGN_PROTOCOL, Assignments, assign_handler
 
 log = logging.getLogger(__name__)
 SOFTWARE = f"tensorlink/{tensorlink.__version__}"
@@ -41,6 +43,7 @@ PUBLISHER_LISTING_S = 30.0  # full listings are expensive (a walk per shard); he
 MISSING_RECORD_RETRY_S = 2.0
 MAX_FETCHES_PER_REFRESH = 32
 DIAL_BACK_SERVERS = 5
+VALIDATOR_LOOKUP_S = 5.0  # a stage assignment waits this long for the record of an unknown validator
 
 
 class Node:
@@ -65,6 +68,9 @@ class Node:
         )
         self.gossip = Gossip(self.host)
         self.capability: Any = None  # selfbench.Capability on workers
+        self.assignments: Assignments | None = None  # workers: stages accepted from validators
+        self.stage_host: Any = None  # workers: worker.stage_host.StageHost, the stages being run
+        self.job_service = JobService(self.host, self.peer_id, self._live_worker_capabilities)
         self.reachability = Reachability.UNKNOWN
         self.dial_back: DialBack | None = None
         self.nat: NatTraversal | None = None
@@ -127,8 +133,9 @@ class Node:
                 "addrs": self.channels.data_addrs(),
                 "channels": self.channels.status(),
             },
-            "stages": [],  # filled by the worker runtime once stages are hosted
-            "jobs": [],
+            "stages": [] if self.assignments is None else self.assignments.status(),
+            "running": [] if self.stage_host is None else self.stage_host.status(),
+            "jobs": self.job_service.status(),
             "capability": None if self.capability is None else self.capability.__dict__,
             "uptime_s": round(now - self.started, 1),
         }
@@ -160,10 +167,24 @@ class Node:
                 outer.cancel_scope.cancel()
 
     async def _serve(self) -> None:
+        if self.config.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
         if self.config.role == "worker":
             from tensorlink.node.selfbench import measure  # torch: workers only, validators start faster
 
             self.capability = measure(self.config.device, self.config.max_memory_gb)
+            self.assignments = Assignments(self.capability.free_memory_bytes, is_validator=self._is_validator)
+            from tensorlink.worker.stage_host import StageHost  # torch and the IR: workers only
+
+            self.stage_host = StageHost(
+                self.host,
+                self.channels,
+                self.assignments,
+                device=self.capability.device,
+                max_memory_bytes=self.capability.free_memory_bytes,
+            )
         async with (
             self.host.run(self.listen),
             self.directory.running(),
@@ -174,6 +195,12 @@ class Node:
         ):
             port = await nursery.start(self.status_server.serve, self.config.status_port)
             await nursery.start(self.channels.serve)
+            if self.assignments is not None:
+                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments, self._learn_validator))
+            if self.stage_host is not None:
+                await nursery.start(self.stage_host.serve)
+            if self.config.role == "validator":
+                serve_protocol(self.host, JOB_PROTOCOL, self.job_service.handle)
             joined = trio.Event()
             nursery.start_soon(self._join, joined)
             with trio.move_on_after(BOOTSTRAP_WAIT_S if self.config.bootstrap else 0):
@@ -255,12 +282,14 @@ class Node:
         from tensorlink.node.selfbench import current_free_memory
 
         c = self.capability
+        # What validators may still promise: free now, and not already reserved for accepted stages.
+        unreserved = c.free_memory_bytes - (self.assignments.reserved_bytes() if self.assignments else 0)
         return WorkerCapability(
             peer_id=self.peer_id,
             device=c.device,
             device_name=c.device_name,
             memory_bytes=c.memory_bytes,
-            free_memory_bytes=min(c.memory_bytes, current_free_memory(c.device, c.memory_bytes)),
+            free_memory_bytes=max(0, min(c.memory_bytes, current_free_memory(c.device, c.memory_bytes), unreserved)),
             gflops=c.gflops,
             software=SOFTWARE,
             addrs=self.addrs()[:16],
@@ -337,6 +366,20 @@ class Node:
             log.info("%s appeared: %s", namespace.name, peer)
         if old is None or record.seq > old.seq:
             known[peer] = record
+
+    def _live_worker_capabilities(self) -> list[WorkerCapability]:
+        now_ms = time.time() * 1000
+        return [r.message for r in self.workers.values() if r.expires_ms > now_ms]  # type: ignore[misc]
+
+    def _is_validator(self, peer: str) -> bool:
+        record = self.validators.get(peer)
+        return record is not None and record.expires_ms > time.time() * 1000
+
+    async def _learn_validator(self, peer: str) -> None:
+        """Fetch the record of a peer that assigns a stage before this node's refresh loop found it."""
+        if not self._is_validator(peer):
+            with trio.move_on_after(VALIDATOR_LOOKUP_S):
+                await self._fetch_one(VALIDATORS, self.validators, peer)
 
     async def _stop_on_signal(self, signals: Any, services: trio.CancelScope) -> None:
         async for signum in signals:

@@ -49,8 +49,12 @@ async def read_exactly(stream: Any, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_message(stream: Any, *expect: type[Message], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """One length-prefixed message, of one of the ``expect`` kinds when any are given."""
+async def read_message(stream: Any, *expect: type[Message], max_bytes: int | None = None) -> Message:
+    """One length-prefixed message, of one of the ``expect`` kinds when any are given. The size cap is
+    the largest of those kinds' own caps unless ``max_bytes`` says otherwise, so a peer cannot make a
+    small exchange buffer a job request's 2 MiB."""
+    if max_bytes is None:
+        max_bytes = max((kind.max_bytes for kind in expect), default=MAX_MESSAGE_BYTES)
     msg = decode_message(await read_record(stream, max_bytes))
     if expect and not isinstance(msg, expect):
         raise StreamError(f"unexpected {type(msg).__name__}")

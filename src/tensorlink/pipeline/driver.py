@@ -138,7 +138,7 @@ class Driver:
             job=self.job_id,
             owner=self.client.peer_id,
             workers=self.n_workers,
-            units=[UnitCost(flops=u.flops, param_bytes=u.param_bytes, activation_bytes=u.activation_bytes) for u in units],
+            units=[UnitCost(u.flops, u.param_bytes, u.activation_bytes) for u in units],
             private=self.private,
             optimizer_slots=OPTIMIZER_SLOTS.get(self.optimizer_name, 2),
             device=None,
@@ -230,8 +230,13 @@ class Driver:
         return result
 
     async def backward(
-        self, key: str, result: StepResult, out_grads: dict[int, torch.Tensor | None], grad_to_user: list[str],
-        inputs: Sequence[torch.Tensor], micro_batches: int,
+        self,
+        key: str,
+        result: StepResult,
+        out_grads: dict[int, torch.Tensor | None],
+        grad_to_user: list[str],
+        inputs: Sequence[torch.Tensor],
+        micro_batches: int,
     ) -> dict[str, torch.Tensor]:
         """Back-propagate a "later" step: the owner's output gradients go to the last stage."""
         assert self.job is not None
@@ -378,9 +383,7 @@ def slots(sp: Split, k: int) -> tuple[list[InputSlot], list[OutputSlot]]:
         else:
             inputs.append(InputSlot(name=name, source="prev", idx=sp.parts[k - 1].outputs.index(name)))
     last = k == len(sp.parts) - 1
-    outputs = [
-        OutputSlot(name=name, dest="user" if last else "next", idx=i) for i, name in enumerate(part.outputs)
-    ]
+    outputs = [OutputSlot(name=name, dest="user" if last else "next", idx=i) for i, name in enumerate(part.outputs)]
     return inputs, outputs
 
 

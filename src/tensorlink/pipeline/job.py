@@ -89,7 +89,7 @@ class Job:
             session = Session(assign, "cpu", 8 << 40)
             session.links["user"] = theirs
             self.stages.append(StageRef(index, None, mine, local=session))
-        for left, right in zip(self.stages, self.stages[1:]):
+        for left, right in zip(self.stages, self.stages[1:], strict=False):
             if left.local is not None and right.local is not None:
                 left.local.links["next"], right.local.links["prev"] = LocalLink.pair()
             elif left.local is not None:

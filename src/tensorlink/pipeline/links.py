@@ -133,4 +133,3 @@ NONE_MARKER = torch.empty(0)  # sent where a gradient is None, so the receiver n
 def from_marker(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
     """``None`` for the marker (a gradient that does not exist), else the tensor."""
     return None if tensor.numel() == 0 and like.numel() != 0 else tensor
-

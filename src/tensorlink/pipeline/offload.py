@@ -12,6 +12,7 @@ holds no weights of its own: ``state_dict()`` fetches them from the workers into
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -92,7 +93,9 @@ def _network(network: Any) -> tuple[list[str], list[str], int | None]:
     if isinstance(network, Sequence) and network and all(isinstance(a, str) for a in network):
         ids = [a.rsplit("/p2p/", 1)[-1] for a in network if "/p2p/" in a]
         if len(ids) != len(network):
-            raise OffloadError("validator addresses need /p2p/<peer id> at the end (the validator's start log shows it)")
+            raise OffloadError(
+                "validator addresses need /p2p/<peer id> at the end (the validator's start log shows it)"
+            )
         return list(network), ids, None
     raise OffloadError("network= takes a tensorlink.LocalSwarm or a list of validator multiaddrs")
 
@@ -102,7 +105,14 @@ class _Pipeline(torch.autograd.Function):
     back-propagates (later) it."""
 
     @staticmethod
-    def forward(ctx: Any, model: OffloadedModel, result: StepResult, names: list[str], anchor: torch.Tensor, *grad_inputs: torch.Tensor) -> Any:  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        model: OffloadedModel,
+        result: StepResult,
+        names: list[str],
+        anchor: torch.Tensor,
+        *grad_inputs: torch.Tensor,
+    ) -> Any:  # type: ignore[override]
         ctx.model, ctx.result, ctx.names = model, result, names
         outs = tuple(result.outputs[i] for i in sorted(result.outputs))
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
@@ -189,7 +199,9 @@ class OffloadedModel(torch.nn.Module):
             result.outputs = dict(zip(sorted(result.outputs), values, strict=True))
         return _structure(program, result.outputs)
 
-    def _backward(self, result: StepResult, grads: dict[int, torch.Tensor | None], names: list[str]) -> dict[str, torch.Tensor]:
+    def _backward(
+        self, result: StepResult, grads: dict[int, torch.Tensor | None], names: list[str]
+    ) -> dict[str, torch.Tensor]:
         if result.mode == "fused":
             (loss_index,) = result.outputs
             grad = grads[loss_index]
@@ -258,7 +270,9 @@ class OffloadedModel(torch.nn.Module):
         """For HF models: fetch the weights and save with the model's own save_pretrained."""
         save = getattr(self.local, "save_pretrained", None)
         if save is None:
-            raise OffloadError("save_pretrained exists for Hugging Face models only; use torch.save(model.state_dict())")
+            raise OffloadError(
+                "save_pretrained exists for Hugging Face models only; use torch.save(model.state_dict())"
+            )
         self.fetch()
         save(path, **kwargs)
 
@@ -271,7 +285,7 @@ class OffloadedModel(torch.nn.Module):
             raise OffloadError(f"generate() supports greedy decoding only; not: {', '.join(sorted(unsupported))}")
         self._require_started()
         if "eval" not in self.driver.programs:
-            program = self.driver.capture(self.local, (), {"input_ids": input_ids}, train=False)
+            program = self.driver.capture(self.local, *_example([], {"input_ids": input_ids}), train=False)
             self.client.call(self.driver.load, "eval", program)
         config = getattr(self.local, "config", None)
         eos = getattr(config, "eos_token_id", None)
@@ -282,12 +296,11 @@ class OffloadedModel(torch.nn.Module):
         program = self.driver.programs["eval"]
         logits_index = _logits_output(program)
         for _ in range(max_new_tokens):
-            result = self.client.call(
-                lambda: self.driver.run(
-                    "eval", [ids], mode="none", training=False, loss_output=-1, to_user=[logits_index],
-                    grad_to_user=[], micro_batches=1,
-                )
-            )
+            run = functools.partial(
+                self.driver.run, "eval", [ids], mode="none", training=False, loss_output=-1,
+                to_user=[logits_index], grad_to_user=[], micro_batches=1,
+            )  # fmt: skip
+            result = self.client.call(run)
             token = result.outputs[logits_index][:, -1, :].argmax(-1)
             if eos is not None:
                 token = torch.where(done, torch.full_like(token, pad), token)
@@ -324,10 +337,11 @@ class OffloadedModel(torch.nn.Module):
 
 
 def _example(args: list[torch.Tensor], kwargs: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Examples of at least 2 rows (a batch of 1 would be specialised away by torch.export)."""
+    """Contiguous examples of at least 2 rows: torch.export specialises a batch of 1 away, and a sliced
+    input's strides would become guards on the sequence length."""
 
     def widen(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() > 0 and t.shape[0] == 1 else t
+        return (t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() > 0 and t.shape[0] == 1 else t).contiguous()
 
     return tuple(widen(t) for t in args), {k: widen(t) for k, t in kwargs.items()}
 

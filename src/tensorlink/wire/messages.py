@@ -168,6 +168,101 @@ class DialBackResponse(Message, tag="dial_back_response"):
     max_bytes: ClassVar[int] = 8192
 
 
+class UnitCost(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
+    """Cost of one unit of a model (in model order), measured on the user's machine: forward FLOPs, bytes
+    of parameters, bytes of activations saved per micro-batch. An array on the wire (3 numbers, no field
+    names), so that 65536 units fit a JobRequest of 2 MiB."""
+
+    flops: Annotated[float, msgspec.Meta(ge=0.0, le=1e30)]  # bounds refuse NaN and infinity too
+    param_bytes: U64
+    activation_bytes: U64
+
+
+MAX_WORKERS_PER_JOB = 64
+MAX_UNITS = 65536
+MAX_STAGES = MAX_WORKERS_PER_JOB + 2  # private jobs keep the first and last stage on the user's machine
+StageIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_STAGES - 1)]
+UnitIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_UNITS - 1)]
+
+
+class JobRequest(Message, tag="job_request"):
+    """A user asking a validator for ``workers`` workers to run its model's stages. ``owner`` must be the
+    peer sending it; ``optimizer_slots`` is the optimizer's per-parameter state copies (SGD 0, SGD with
+    momentum 1, AdamW 2), which the memory each stage needs depends on."""
+
+    job: JobId
+    owner: PeerId
+    workers: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS_PER_JOB)]
+    units: Annotated[list[UnitCost], msgspec.Meta(min_length=1, max_length=MAX_UNITS)]
+    private: bool = False
+    optimizer_slots: Annotated[int, msgspec.Meta(ge=0, le=4)] = 0
+    device: Device | None = None
+    max_bytes: ClassVar[int] = 2 << 20
+
+
+class StagePlacement(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where one remote stage runs: the worker, its addresses, the inclusive unit range it holds and the
+    memory reserved for it."""
+
+    peer_id: PeerId
+    addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=16)]
+    stage: StageIndex
+    units: tuple[UnitIndex, UnitIndex]
+    memory_bytes: U64
+
+    def __post_init__(self) -> None:
+        if self.units[0] > self.units[1]:
+            raise ValueError("units must be [first, last] with first <= last")
+
+
+class JobPlan(Message, tag="job_plan"):
+    """The validator's answer to a JobRequest: the stage of every unit (contiguous, from 0 up to
+    n_stages - 1 in steps of 0 or 1) and where each remote stage runs. With ``private`` the first and
+    last stages are the user's own and have no placement."""
+
+    job: JobId
+    validator: PeerId
+    n_stages: Annotated[int, msgspec.Meta(ge=1, le=MAX_STAGES)]
+    unit_stage: Annotated[list[StageIndex], msgspec.Meta(min_length=1, max_length=MAX_UNITS)]
+    placements: Annotated[list[StagePlacement], msgspec.Meta(max_length=MAX_WORKERS_PER_JOB)]
+    max_bytes: ClassVar[int] = 1 << 20
+
+    def __post_init__(self) -> None:
+        stages = self.unit_stage
+        if stages[0] != 0 or stages[-1] != self.n_stages - 1:
+            raise ValueError("unit_stage must start at stage 0 and end at stage n_stages - 1")
+        if any(b - a not in (0, 1) for a, b in zip(stages[:-1], stages[1:], strict=True)):
+            raise ValueError("unit_stage must be non-decreasing in steps of 0 or 1 (stages are contiguous)")
+        if any(p.stage >= self.n_stages for p in self.placements):
+            raise ValueError("a placement names a stage past n_stages")
+
+
+class StageAssign(Message, tag="stage_assign"):
+    """A validator assigning one stage of a job to a worker: who owns the job, the neighbours the stage
+    exchanges activations with (None: the user, or nothing), and the memory to reserve."""
+
+    job: JobId
+    owner: PeerId
+    validator: PeerId
+    stage: StageIndex
+    n_stages: Annotated[int, msgspec.Meta(ge=1, le=MAX_STAGES)]
+    memory_bytes: U64
+    prev: PeerId | None = None
+    next: PeerId | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage >= self.n_stages:
+            raise ValueError("stage must be below n_stages")
+
+
+class StageAssigned(Message, tag="stage_assigned"):
+    """A worker accepting a StageAssign (a refusal is an ErrorReply with a code)."""
+
+    job: JobId
+    stage: StageIndex
+    max_bytes: ClassVar[int] = 256
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Hello,
     Heartbeat,
@@ -181,6 +276,10 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     DialBackRequest,
     DialBackProbe,
     DialBackResponse,
+    JobRequest,
+    JobPlan,
+    StageAssign,
+    StageAssigned,
 )
 MAX_MESSAGE_BYTES = max(t.max_bytes for t in MESSAGE_TYPES)
 

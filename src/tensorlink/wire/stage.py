@@ -20,7 +20,8 @@ Index = Annotated[int, msgspec.Meta(ge=0, le=2**24 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=4096)]
 Step = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Scalar = Union[bool, int, float]
-Hyper = dict[Annotated[str, msgspec.Meta(max_length=64)], Union[Scalar, Annotated[list[float], msgspec.Meta(max_length=8)]]]
+HyperValue = Union[Scalar, Annotated[list[float], msgspec.Meta(max_length=8)]]
+Hyper = dict[Annotated[str, msgspec.Meta(max_length=64)], HyperValue]
 ProgramKey = Literal["train", "eval"]
 
 
@@ -199,4 +200,3 @@ def decode_stage(data: bytes) -> StageMessage:
     if msg.v != PROTOCOL_VERSION:
         raise WireError(f"stage protocol version {msg.v} is not supported (this node speaks {PROTOCOL_VERSION})")
     return msg
-

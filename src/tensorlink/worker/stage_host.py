@@ -185,7 +185,7 @@ class StageHost:
     def _session(self, job: bytes) -> Session | None:
         session = self.sessions.get(job)
         if session is None:
-            assign = self.assignments.get(job)
+            assign = self.assignments.claim(job)  # the owner showed up: the assignment no longer expires
             if assign is None:
                 return None
             session = self.sessions[job] = Session(assign, self.device, self.max_memory_bytes)
@@ -272,4 +272,3 @@ class StageHost:
             for link in session.by_peer.values():
                 self._nursery.start_soon(link.channel.aclose)
         log.info("job %s: stage %d released", job.hex()[:8], session.assign.stage)
-

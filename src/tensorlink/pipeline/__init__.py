@@ -1,0 +1,1 @@
+"""Pipeline: partitioner, micro-batch schedules, remote autograd, OffloadedModel, LocalSwarm."""

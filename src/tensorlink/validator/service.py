@@ -1,0 +1,167 @@
+"""Job admission on a validator: ``JOB_PROTOCOL`` takes one JobRequest and answers a JobPlan or an ErrorReply.
+
+Admission: the request must come from its owner; live workers are matched and the model partitioned
+(validator/matching.py, in a thread: a big model takes the partitioner seconds); each chosen worker is
+sent its StageAssign over the worker's ``ASSIGN_PROTOCOL``. A worker that refuses or does not answer is
+left out and the job re-planned without it, a few times, before the user is told why it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from tensorlink.p2p.streams import StreamError, close_stream, open_stream, read_message, remote_peer, write_message
+from tensorlink.validator.matching import JobRefused, plan_job
+from tensorlink.wire.errors import WireError
+from tensorlink.wire.messages import (
+    ErrorReply,
+    JobPlan,
+    JobRequest,
+    StageAssign,
+    StageAssigned,
+    WorkerCapability,
+)
+from tensorlink.worker.assignments import ASSIGN_PROTOCOL
+
+log = logging.getLogger(__name__)
+
+JOB_PROTOCOL = "/tensorlink/job/1.0.0"
+READ_TIMEOUT_S = 10.0
+ASSIGN_TIMEOUT_S = 10.0
+ADDRS_TTL_S = 600
+MAX_ATTEMPTS = 3  # plans tried per request; each leaves out the workers that refused the one before
+MAX_JOBS_KEPT = 256  # admitted jobs shown in the status, newest last
+
+
+@dataclass(frozen=True)
+class AdmittedJob:
+    request: JobRequest
+    plan: JobPlan
+    admitted: float  # time.time()
+
+
+class JobService:
+    """Serves ``JOB_PROTOCOL`` (register ``handle`` with serve_protocol). ``workers()`` returns the live
+    worker records this validator knows."""
+
+    def __init__(self, host: Any, peer_id: str, workers: Callable[[], list[WorkerCapability]]) -> None:
+        self.host = host
+        self.peer_id = peer_id
+        self._workers = workers
+        self.jobs: OrderedDict[bytes, AdmittedJob] = OrderedDict()
+
+    async def handle(self, stream: Any) -> None:
+        peer = remote_peer(stream)
+        reply: JobPlan | ErrorReply
+        try:
+            try:
+                with trio.fail_after(READ_TIMEOUT_S):
+                    request = await read_message(stream, JobRequest, max_bytes=JobRequest.max_bytes)
+            except (StreamError, WireError) as exc:
+                raise JobRefused("bad_request", str(exc)) from None
+            except trio.TooSlowError:
+                raise JobRefused("bad_request", f"no JobRequest within {READ_TIMEOUT_S:.0f} s") from None
+            reply = await self.admit(request, peer)
+        except JobRefused as exc:
+            log.info("refused a job from %s: %s", peer, exc)
+            reply = ErrorReply(code=exc.code, message=exc.message[:1024])
+        try:
+            await write_message(stream, reply)
+        finally:
+            await close_stream(stream)
+
+    async def admit(self, request: JobRequest, peer: str) -> JobPlan:
+        """Match, partition and assign; the plan once every chosen worker accepted, else JobRefused."""
+        if request.owner != peer:
+            raise JobRefused("owner_mismatch", f"the request names owner {request.owner} but came from {peer}")
+        known = self.jobs.get(request.job)
+        if known is not None and known.request.owner != request.owner:
+            raise JobRefused("job_exists", f"job {request.job.hex()} belongs to another owner; pick a new job id")
+        refused: dict[str, str] = {}
+        for _ in range(MAX_ATTEMPTS):
+            candidates = [c for c in self._workers() if c.peer_id not in refused]
+            try:
+                plan, assigns = await trio.to_thread.run_sync(plan_job, request, candidates, self.peer_id)
+            except JobRefused as exc:
+                if refused:
+                    raise JobRefused(exc.code, f"{exc.message} ({_refusals(refused)})") from None
+                raise
+            addrs = {p.peer_id: p.addrs for p in plan.placements}
+            failed: dict[str, str] = {}
+            async with trio.open_nursery() as nursery:
+                for assign, placement in zip(assigns, plan.placements, strict=True):
+                    nursery.start_soon(self._assign, placement.peer_id, addrs[placement.peer_id], assign, failed)
+            if not failed:
+                self.jobs[request.job] = AdmittedJob(request, plan, time.time())
+                self.jobs.move_to_end(request.job)
+                while len(self.jobs) > MAX_JOBS_KEPT:
+                    self.jobs.popitem(last=False)
+                log.info("admitted job %s of %s: %d stages", request.job.hex(), request.owner, plan.n_stages)
+                return plan
+            refused.update(failed)
+        raise JobRefused("workers_refused", f"no plan was accepted by all its workers ({_refusals(refused)})")
+
+    async def _assign(self, peer: str, addrs: list[str], assign: StageAssign, failed: dict[str, str]) -> None:
+        """Send one StageAssign; a refusal or silence is recorded in ``failed`` with the reason."""
+        self._remember_addrs(peer, addrs)
+        stream = None
+        try:
+            with trio.fail_after(ASSIGN_TIMEOUT_S):
+                stream = await open_stream(self.host, peer, ASSIGN_PROTOCOL)
+                await write_message(stream, assign)
+                reply = await read_message(stream, StageAssigned, ErrorReply, max_bytes=ErrorReply.max_bytes)
+        except trio.TooSlowError:
+            failed[peer] = f"no answer within {ASSIGN_TIMEOUT_S:.0f} s"
+            return
+        except Exception as exc:  # unreachable, stream reset, garbage: this worker is out of this job
+            failed[peer] = f"{type(exc).__name__}: {exc}"[:200]
+            return
+        finally:
+            if stream is not None:
+                await close_stream(stream)
+        if isinstance(reply, ErrorReply):
+            failed[peer] = f"{reply.code}: {reply.message}"[:300]
+        elif reply.job != assign.job or reply.stage != assign.stage:
+            failed[peer] = "answered for another job or stage"
+
+    def _remember_addrs(self, peer: str, addrs: list[str]) -> None:
+        """The worker's addresses from its capability record, so the host can dial it if not connected."""
+        for addr in addrs:
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            except Exception:
+                continue
+            if info.peer_id.to_base58() == peer:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDRS_TTL_S)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Admitted jobs as /status shows them."""
+        now = time.time()
+        return [
+            {
+                "job": job.hex(),
+                "owner": a.request.owner,
+                "n_stages": a.plan.n_stages,
+                "private": a.request.private,
+                "units": len(a.plan.unit_stage),
+                "admitted_s_ago": round(now - a.admitted, 1),
+                "stages": [
+                    {"stage": p.stage, "peer_id": p.peer_id, "units": list(p.units), "memory_bytes": p.memory_bytes}
+                    for p in a.plan.placements
+                ],
+            }
+            for job, a in self.jobs.items()
+        ]
+
+
+def _refusals(refused: dict[str, str]) -> str:
+    return "refused by " + "; ".join(f"{peer}: {why}" for peer, why in refused.items())

@@ -1,0 +1,1 @@
+"""Worker side: the stages a contributor's machine has accepted and runs."""
