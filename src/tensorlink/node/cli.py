@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads torch may use for stages (default: torch's default, one per core); lower it when "
         "several nodes share a machine",
     )
+    p.add_argument(
+        "--audit-inputs",
+        action="store_true",
+        default=None,
+        help="keep a SHA-256 digest and the dtype of every tensor a job's owner sends this worker, shown in "
+        "/status (to check what a job's owner really shares; costs a hash of each tensor)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct_channels": args.direct_channels,
         "channel_cipher": args.channel_cipher,
         "torch_threads": args.torch_threads,
+        "audit_inputs": args.audit_inputs,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

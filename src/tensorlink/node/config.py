@@ -42,6 +42,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     channel_memory_gb: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
     channel_cipher: Literal["aes-128-gcm", "aes-256-gcm"] = "aes-128-gcm"
     torch_threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None  # None: torch's default
+    audit_inputs: bool = False  # record digests of what jobs' owners send (worker/stage_host.py)
 
 
 def default_data_dir() -> Path:

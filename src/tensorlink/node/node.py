@@ -184,6 +184,7 @@ class Node:
                 self.assignments,
                 device=self.capability.device,
                 max_memory_bytes=self.capability.free_memory_bytes,
+                audit=self.config.audit_inputs,
             )
         async with (
             self.host.run(self.listen),

@@ -8,7 +8,9 @@ in which frames arrive never matters. A LocalLink pair connects two stages in on
 
 from __future__ import annotations
 
+import collections
 import enum
+import hashlib
 from typing import Protocol
 
 import torch
@@ -75,19 +77,50 @@ class Link(Protocol):
     async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor: ...
 
 
+class Audit:
+    """What arrived on a link: dtypes per lane and a digest of every tensor (the last ``keep``), so an
+    operator or a test can check what a job's owner really sends."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.frames = 0
+        self.dtypes: dict[str, set[str]] = {}
+        self.digests: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def record(self, lane: int, tensor: torch.Tensor) -> None:
+        self.frames += 1
+        self.dtypes.setdefault(Lane(lane).name, set()).add(str(tensor.dtype).removeprefix("torch."))
+        self.digests.append(tensor_digest(tensor))
+
+    def view(self) -> dict[str, object]:
+        return {
+            "frames": self.frames,
+            "dtypes": {lane: sorted(names) for lane, names in self.dtypes.items()},
+            "digests": list(self.digests),
+        }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (contiguous, CPU), as an owner would compute it for its own inputs."""
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return hashlib.sha256(data).hexdigest()
+
+
 class ChannelLink:
     """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames."""
 
-    def __init__(self, channel: Channel, job: bytes) -> None:
+    def __init__(self, channel: Channel, job: bytes, audit: Audit | None = None) -> None:
         self.channel = channel
         self.job = job
         self.mailbox = Mailbox()
+        self.audit = audit
 
     async def run(self) -> None:
         try:
             while True:
                 tensor, route = await self.channel.recv()
                 lane, index = route.stage >> 24, route.stage & 0xFFFFFF
+                if self.audit is not None:
+                    self.audit.record(lane, tensor)
                 # Out of the channel's pool at once: a stage may keep activations for many micro-batches.
                 self.mailbox.put((lane, route.step, route.micro_batch, index), tensor.clone())
         except ChannelError as exc:

@@ -115,6 +115,7 @@ class LocalSwarm:
         worker_memory_gb: float | Sequence[float] | None = None,
         log_dir: str | Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
+        worker_flags: Sequence[str] = (),
     ) -> None:
         if validators < 1:
             raise ValueError("a swarm needs at least one validator: workers bootstrap from it")
@@ -127,6 +128,7 @@ class LocalSwarm:
         self.worker_memory_gb: list[float | None] = list(memory)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.ready_timeout_s = ready_timeout_s
+        self.worker_flags = list(worker_flags)  # extra `python -m tensorlink.node` flags, e.g. --audit-inputs
         self.validators: list[SwarmNode] = []
         self.workers: list[SwarmNode] = []
         self._root: Path | None = None
@@ -178,7 +180,7 @@ class LocalSwarm:
             self.validators.append(self._spawn("validator", data_dir, listen, ["--role", "validator", *bootstrap]))
             bootstrap += ["--bootstrap", f"{listen}/p2p/{peer_id_of(load_or_create_identity(data_dir))}"]
         for i, memory in enumerate(self.worker_memory_gb):
-            flags = ["--role", "worker", "--threads", str(self.threads_per_worker), *bootstrap]
+            flags = ["--role", "worker", "--threads", str(self.threads_per_worker), *bootstrap, *self.worker_flags]
             if memory is not None:
                 flags += ["--max-memory", str(memory)]
             self.workers.append(self._spawn("worker", self._data_dir(f"worker{i}"), "/ip4/127.0.0.1/tcp/0", flags))

@@ -15,7 +15,7 @@ import trio
 
 from tensorlink.p2p.host import serve_protocol
 from tensorlink.p2p.streams import StreamError, read_record, remote_peer, write_record
-from tensorlink.pipeline.links import ChannelLink, Lane, Link, LinkClosed
+from tensorlink.pipeline.links import Audit, ChannelLink, Lane, Link, LinkClosed
 from tensorlink.transport import Channel, ChannelError, ChannelService
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.stage import (
@@ -139,7 +139,7 @@ class Session:
         return [role for role in need if role not in self.links]
 
     def status(self) -> dict[str, Any]:
-        rt = self.runtime
+        rt, a = self.runtime, self.assign
         return {
             "job": self.assign.job.hex(),
             "stage": self.assign.stage,
@@ -149,6 +149,7 @@ class Session:
             "steps": rt.steps_run,
             "optimizer": type(rt.optimizer).__name__ if rt.optimizer is not None else None,
             "links": sorted(self.links),
+            **({"from_owner": owner.audit.view()} if (owner := self.by_peer.get(a.owner)) and owner.audit else {}),
         }
 
 
@@ -156,13 +157,21 @@ class StageHost:
     """Serves the stage protocol on a worker; ``assignments`` says which jobs and peers are expected."""
 
     def __init__(
-        self, host: Any, channels: ChannelService, assignments: Any, *, device: str = "cpu", max_memory_bytes: int
+        self,
+        host: Any,
+        channels: ChannelService,
+        assignments: Any,
+        *,
+        device: str = "cpu",
+        max_memory_bytes: int,
+        audit: bool = False,
     ) -> None:
         self.host = host
         self.channels = channels
         self.assignments = assignments
         self.device = device
         self.max_memory_bytes = max_memory_bytes
+        self.audit = audit  # keep digests of what owners send (--audit-inputs)
         self.sessions: dict[bytes, Session] = {}
         self._nursery: trio.Nursery | None = None
         channels.admit = self._admit
@@ -202,7 +211,8 @@ class StageHost:
 
     def _attach(self, session: Session, peer: str, channel: Channel) -> None:
         assert self._nursery is not None
-        link = ChannelLink(channel, session.assign.job)
+        audit = Audit() if self.audit and peer == session.assign.owner else None
+        link = ChannelLink(channel, session.assign.job, audit)
         self._nursery.start_soon(link.run)
         session.attach(peer, link)
 
