@@ -186,6 +186,7 @@ class Driver:
         to_user: list[int],
         grad_to_user: list[str],
         micro_batches: int,
+        tail: int = 0,
     ) -> StepResult:
         assert self.job is not None
         program = self.programs[key]
@@ -205,6 +206,7 @@ class Driver:
             loss_scale=1.0 / micro_batches,
             to_user=to_user,
             grad_to_user=grad_to_user,
+            tail=tail,
         )
         outputs: dict[int, list[torch.Tensor]] = {i: [] for i in to_user}
 

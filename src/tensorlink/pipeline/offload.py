@@ -298,7 +298,7 @@ class OffloadedModel(torch.nn.Module):
         for _ in range(max_new_tokens):
             run = functools.partial(
                 self.driver.run, "eval", [ids], mode="none", training=False, loss_output=-1,
-                to_user=[logits_index], grad_to_user=[], micro_batches=1,
+                to_user=[logits_index], grad_to_user=[], micro_batches=1, tail=1,
             )  # fmt: skip
             result = self.client.call(run)
             token = result.outputs[logits_index][:, -1, :].argmax(-1)

@@ -77,6 +77,7 @@ class RunStep(StageMessage, tag="run_step"):
     loss_output: Annotated[int, msgspec.Meta(ge=-1, le=4095)] = -1
     loss_scale: float = 1.0
     to_user: Annotated[list[Index], msgspec.Meta(max_length=4096)] = []  # last stage: outputs the owner wants
+    tail: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = 0  # >0: only the last `tail` positions (dim 1) go back
     grad_to_user: Annotated[list[Name], msgspec.Meta(max_length=4096)] = []  # owner inputs it wants grads of
 
 

@@ -243,6 +243,10 @@ class StageRuntime:
         backward = cmd.backward != "none"
         for key in [k for k in self.stash if k[0] < cmd.step]:
             del self.stash[key]  # a "later" step the owner never back-propagated
+        for link in {id(x): x for x in self.links.values()}.values():
+            mailbox = getattr(link, "mailbox", None)
+            if mailbox is not None:  # gradients a neighbour sent for outputs that needed none
+                mailbox.drop_before(cmd.step, (Lane.BWD,))
         if cmd.backward == "fused":
             self._begin_fused(cmd.step)
         program.module.train(cmd.key == "train" and cmd.training)
@@ -304,6 +308,8 @@ class StageRuntime:
         for slot, out in zip(program.outputs, outputs, strict=True):
             if slot.dest == "user" and slot.idx not in wanted:
                 continue
+            if slot.dest == "user" and cmd.tail and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                out = out[:, -cmd.tail :]  # generation reads the last position's logits only
             lane = Lane.FWD if slot.dest == "next" else Lane.USER_OUT
             self._send(slot.dest, lane, cmd.step, mb, slot.idx, out)
 
