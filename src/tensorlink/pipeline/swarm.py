@@ -33,8 +33,6 @@ BANNER_TIMEOUT_S = 60.0  # torch import and the self-benchmark take seconds on a
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 40
-# Quick discovery: heartbeats every second bring new peers to the validator's attention at once.
-NODE_CONFIG = "heartbeat_s = 1.0\nrecord_ttl_s = 30.0\n"
 
 
 class SwarmError(RuntimeError):
@@ -192,7 +190,6 @@ class LocalSwarm:
         assert self._root is not None
         data_dir = self._root / name
         data_dir.mkdir()
-        (data_dir / "config.toml").write_text(NODE_CONFIG)
         load_or_create_identity(data_dir)
         return data_dir
 
