@@ -16,7 +16,7 @@ NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu'
 .PHONY: demo test bench install system-deps clean help
 
 help:
-	@echo "make demo   set everything up and show what TensorLink does today"
+	@echo "make demo   set everything up and train a GPT-2 across a local swarm of node processes"
 	@echo "make test   set everything up and run the test suite"
 	@echo "make bench  run every benchmark in benchmarks/"
 	@echo "make clean  remove the venv and build outputs"
@@ -46,18 +46,12 @@ system-deps:
 
 install: system-deps $(VENV)/.stamp-install
 
+# The story in one command (issue 6): a LocalSwarm of a validator and two workers trains a small GPT-2
+# with tensorlink.offload() on the corpus in src/tensorlink/data, then samples from it (about 4 minutes
+# on 2 CPU cores; see `python -m tensorlink.demo --help`). The benchmarks of the parts it is built on
+# (wire codec, Stage IR, data plane) add another minute on such a machine, so they run under `make bench`.
 demo: install
-	@echo
-	@echo "TensorLink today: the native frame codec and wire formats, the peer node (python -m"
-	@echo "tensorlink.node: DHT, gossip, NAT traversal, status endpoint), the Stage IR (capture a model,"
-	@echo "run it on a worker without its code) and the data plane (encrypted tensor channels between"
-	@echo "peers). offload() over a local network is still open. What exists is measured here: the wire"
-	@echo "benchmark, the Stage IR against eager PyTorch and torch.export.load, then tensor channels"
-	@echo "between two processes against raw TCP and py-libp2p streams."
-	@echo
-	$(PY) benchmarks/wire.py
-	$(PY) benchmarks/ir.py
-	$(PY) benchmarks/transport.py --quick
+	$(PY) -m tensorlink.demo
 
 test: install
 	$(PY) -m ruff check src tests benchmarks

@@ -22,7 +22,7 @@ from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import Close, Done, Failed, StageMessage, StageOpen
-from tensorlink.worker.stage_host import PROTOCOL, Session, recv_stage, send_stage
+from tensorlink.worker.stage_host import PROTOCOL, Session, describe, recv_stage, send_stage
 
 log = logging.getLogger(__name__)
 COMMAND_TIMEOUT_S = 600.0
@@ -145,7 +145,7 @@ class Job:
         except Exception as exc:
             if ref.local is None:
                 raise
-            raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {type(exc).__name__}: {exc}") from exc
+            raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {describe(exc)}") from exc
         if isinstance(reply, Failed):
             raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {reply.message} ({reply.code})")
         assert isinstance(reply, Done)

@@ -165,6 +165,7 @@ class OffloadedModel(torch.nn.Module):
             )
         program = self.driver.programs["train"]
         n_micro = min(self.driver.micro_batches, *(t.shape[0] for t in inputs if t.dim() > 0))
+        _check_shapes(program.whole, program.split.user_inputs, inputs, n_micro)
         wants_grad = torch.is_grad_enabled()
         loss_index = _loss_output(program)
         if self.outputs == "loss":
@@ -287,6 +288,12 @@ class OffloadedModel(torch.nn.Module):
         if "eval" not in self.driver.programs:
             program = self.driver.capture(self.local, *_example([], {"input_ids": input_ids}), train=False)
             self.client.call(self.driver.load, "eval", program)
+        limit = self.driver.max_seq_len
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise OffloadError(
+                f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"{limit} positions the model was captured for; shorten the prompt or ask for fewer tokens"
+            )
         config = getattr(self.local, "config", None)
         eos = getattr(config, "eos_token_id", None)
         pad = getattr(config, "pad_token_id", None)
@@ -344,6 +351,25 @@ def _example(args: list[torch.Tensor], kwargs: dict[str, torch.Tensor]) -> tuple
         return (t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() > 0 and t.shape[0] == 1 else t).contiguous()
 
     return tuple(widen(t) for t in args), {k: widen(t) for k, t in kwargs.items()}
+
+
+def _check_shapes(program: Any, names: Sequence[str], inputs: Sequence[torch.Tensor], n_micro: int) -> None:
+    """Refuse, before anything is sent, inputs the stages would refuse mid-step (the capture fixed each
+    dim or its range: e.g. the sequence length up to max_seq_len)."""
+    sig = program.program.signature
+    for name, spec, tensor in zip(names, sig.inputs, inputs, strict=True):
+        shape = list(tensor.shape)
+        if shape and n_micro > 1:
+            shape[0] = -(-shape[0] // n_micro)  # the largest micro-batch
+        if len(shape) != len(spec.shape):
+            raise OffloadError(f"input {name!r} has {len(shape)} dims; the model was captured with {len(spec.shape)}")
+        for d, (size, dim) in enumerate(zip(shape, spec.shape, strict=True)):
+            low, high = sig.symbols[dim] if isinstance(dim, str) else (dim, dim)
+            if not low <= size <= high:
+                raise OffloadError(
+                    f"input {name!r} dim {d} is {size} per micro-batch; the model was captured for {low}..{high}"
+                    + (" (raise max_seq_len in offload())" if d == 1 else "")
+                )
 
 
 def _loss_output(program: Any) -> int | None:

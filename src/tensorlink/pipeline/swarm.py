@@ -177,12 +177,15 @@ class LocalSwarm:
             # a validator bootstraps from the ones before it, so the first one is up without waiting
             self.validators.append(self._spawn("validator", data_dir, listen, ["--role", "validator", *bootstrap]))
             bootstrap += ["--bootstrap", f"{listen}/p2p/{peer_id_of(load_or_create_identity(data_dir))}"]
+        # Workers start once the validators listen: a worker that dials too early lands in libp2p's
+        # negative dial cache and may not retry within the ready timeout on a loaded machine.
+        self._wait_banner(self.validators)
         for i, memory in enumerate(self.worker_memory_gb):
             flags = ["--role", "worker", "--threads", str(self.threads_per_worker), *bootstrap, *self.worker_flags]
             if memory is not None:
                 flags += ["--max-memory", str(memory)]
             self.workers.append(self._spawn("worker", self._data_dir(f"worker{i}"), "/ip4/127.0.0.1/tcp/0", flags))
-        self._wait_banner(self.nodes)
+        self._wait_banner(self.workers)
         self._wait_joined()
 
     def _data_dir(self, name: str) -> Path:

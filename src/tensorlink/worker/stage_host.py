@@ -54,6 +54,16 @@ async def recv_stage(stream: Any) -> StageMessage:
     return decode_stage(await read_record(stream, MAX_STAGE_MESSAGE))
 
 
+def describe(exc: BaseException) -> str:
+    """What went wrong, without trio's nesting: the innermost errors of an exception group."""
+    inner = getattr(exc, "exceptions", None)
+    if inner:
+        return "; ".join(describe(e) for e in inner)
+    while isinstance(exc.__cause__, Exception) and not str(exc):
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Session:
     """One job's stage here: its runtime and its links (filled in as channels arrive)."""
 
@@ -270,7 +280,7 @@ class StageHost:
                 return
             except Exception as exc:  # a bad program or tensor: this command fails, the session lives
                 log.info("job %s: command %s failed: %r", session.assign.job.hex()[:8], type(msg).__name__, exc)
-                reply = Failed(code="command_failed", message=f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
+                reply = Failed(code="command_failed", message=f"{type(msg).__name__}: {describe(exc)}"[:4000])
             await send_stage(stream, reply)
 
     def _end(self, session: Session) -> None:
