@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ def capture(
         ep = export(module, tuple(example_args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise CaptureError(
-            f"{name} cannot be captured by torch.export: {type(exc).__name__}: {_first_line(exc)}"
+            f"{name} cannot be captured by torch.export: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}"
         ) from exc
     finally:
         module.train(was_training)
@@ -72,6 +73,26 @@ def capture(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:500] if text else ""
+
+
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)[^\n]*\n\s*(\S[^\n]*)')
+
+
+def _where(exc: BaseException) -> str:
+    """The user's line torch names in its message (outside torch itself), and the usual remedy for
+    Python control flow on a tensor's value, which is what most capture failures are."""
+    text = str(exc)
+    hint = ""
+    for path, line, source in _USER_FRAME.findall(text):
+        if f"{os.sep}torch{os.sep}" not in path:
+            hint = f"\n  at {path}:{line}: {source.strip()}"
+            break
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        hint += (
+            "\n  Python control flow on a tensor's value cannot be captured: use torch.where (or torch.cond) "
+            "instead of `if`/`while` on tensor values"
+        )
+    return hint
 
 
 def _default_dynamic_shapes(

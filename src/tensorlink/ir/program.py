@@ -32,6 +32,12 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     weights_sha256: str
 
 
+# Built once, at import: msgspec 0.22 builds a type's decoder lazily on first use, and two threads doing
+# that at once (two stages loading in one process) crashed the interpreter.
+_MANIFEST_DECODER = msgspec.json.Decoder(Manifest)
+_PROGRAM_DECODER = msgspec.json.Decoder(Program)
+
+
 @dataclass(frozen=True)
 class StageProgram:
     program: Program
@@ -98,7 +104,7 @@ class StageProgram:
         if pos != len(view):
             raise IRError(f"{len(view) - pos} unexpected bytes after the weights")
         try:
-            manifest = msgspec.json.decode(manifest_bytes, type=Manifest)
+            manifest = _MANIFEST_DECODER.decode(manifest_bytes)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise IRError(f"malformed manifest: {exc}") from None
         if manifest.format != "tensorlink-stage-ir" or manifest.version != FORMAT_VERSION:
@@ -109,7 +115,7 @@ class StageProgram:
             raise IRError("weights hash mismatch: the weights were altered after capture")
         _check_safetensors_header(weights)
         try:
-            program = msgspec.json.decode(program_bytes, type=Program)
+            program = _PROGRAM_DECODER.decode(program_bytes)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise IRError(f"malformed program JSON: {exc}") from None
         return cls(program, bytes(weights))
