@@ -37,6 +37,11 @@ GETITEM = "operator.getitem"
 # never rebuilt in several parts: a second copy would draw different random numbers
 _RANDOM = frozenset({"aten.dropout.default", "aten.scaled_dot_product_attention.default"})
 _MAX_STAGE_INPUTS = 64
+# What an op the FLOP counter skips (elementwise, norms, softmax, gathers) costs per output element, in
+# matmul FLOPs: such ops are memory-bound, and a CPU core does ~30 GFLOP/s of matmul but touches a few
+# G elements/s. Counted as 1, blocks looked cheaper than an LM head and 1F1B's first stage got ~10 % more
+# work than the second (benchmarks/pipeline.py, CPU seconds per stage).
+ELEMENT_COST = 8.0
 # ops that move no data (views, metadata): no cost in profile()
 _FREE = frozenset({
     "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.unsqueeze.default",
@@ -423,7 +428,7 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
     every node is attributed to the unit of the most recently first-used parameter, so reused weights (a tied LM
     head) count where they are used, not where they were first seen. Parameters no node uses form a last unit.
     FLOPs are counted by torch.utils.flop_counter on the meta device at ``sizes`` (symbol -> size), plus one FLOP
-    per output element for ops it does not count (elementwise, norms, embedding gathers)."""
+    ELEMENT_COST per output element for ops it does not count (elementwise, norms, embedding gathers)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     p = program.program
@@ -458,7 +463,7 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
         counted = total - seen
         seen = total
         elements = size // max(1, _elem_size(value))
-        flops[name] = counted if counted > 0 or targets[name] in _FREE else float(elements)
+        flops[name] = counted if counted > 0 or targets[name] in _FREE else ELEMENT_COST * elements
         nbytes[name] = size
 
     with torch.no_grad(), counter:
