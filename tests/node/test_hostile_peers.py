@@ -31,6 +31,8 @@ PROTOCOLS = [
     "/meshsub/1.1.0",
     "/tensorlink/dialback/1.0.0",
     "/tensorlink/channel/1.0.0",
+    "/tensorlink/stage/1.0.0",
+    "/tensorlink/assign/1.0.0",
     "/ipfs/id/1.0.0",
 ]
 PAYLOADS = [

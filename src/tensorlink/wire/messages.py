@@ -8,7 +8,7 @@ capabilities add their message kinds to ``MESSAGE_TYPES``.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import msgspec
 
@@ -308,20 +308,29 @@ def decode_message(data: bytes | bytearray | memoryview, expect: type[M] | None 
     size = memoryview(data).nbytes
     if size > MAX_MESSAGE_BYTES:
         raise WireError(f"control message of {size} bytes exceeds the largest allowed ({MAX_MESSAGE_BYTES} bytes)")
+    msg = decode_checked(_decoder, data, "control message")
+    if expect is not None and not isinstance(msg, expect):
+        raise WireError(f"expected a {expect.__name__} message, got {type(msg).__name__}")
+    return msg
+
+
+def decode_checked(decoder: msgspec.msgpack.Decoder, data: bytes | bytearray | memoryview, what: str) -> Any:
+    """Decode with ``decoder`` (a union of kinds with ``max_bytes`` and ``v``), then check the kind's own
+    size cap and the protocol version; every failure is a WireError naming it. Shared by every protocol's
+    message union (node messages here, stage commands in wire/stage.py)."""
+    size = memoryview(data).nbytes
     try:
-        msg = _decoder.decode(data)
+        msg = decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise WireError(f"malformed control message: {exc}{_version_hint(data)}") from None
+        raise WireError(f"malformed {what}: {exc}{_version_hint(data)}") from None
     except UnicodeDecodeError as exc:
-        raise WireError(f"malformed control message: invalid UTF-8 in a string ({exc.reason})") from None
+        raise WireError(f"malformed {what}: invalid UTF-8 in a string ({exc.reason})") from None
     except RecursionError:
-        raise WireError("malformed control message: nesting too deep") from None
+        raise WireError(f"malformed {what}: nesting too deep") from None
     if size > msg.max_bytes:
         raise WireError(f"{type(msg).__name__} message of {size} bytes exceeds its cap of {msg.max_bytes}")
     if msg.v != PROTOCOL_VERSION:
         raise WireError(f"protocol version {msg.v} is not supported (this node speaks {PROTOCOL_VERSION})")
-    if expect is not None and not isinstance(msg, expect):
-        raise WireError(f"expected a {expect.__name__} message, got {type(msg).__name__}")
     return msg
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal, Union
 import msgspec
 
 from tensorlink.wire.errors import WireError
-from tensorlink.wire.messages import PROTOCOL_VERSION, JobId
+from tensorlink.wire.messages import PROTOCOL_VERSION, JobId, decode_checked
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Index = Annotated[int, msgspec.Meta(ge=0, le=2**24 - 1)]
@@ -190,14 +190,5 @@ def encode_stage(msg: StageMessage) -> bytes:
 
 def decode_stage(data: bytes) -> StageMessage:
     """One validated stage message; WireError names what is wrong."""
-    try:
-        msg = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise WireError(f"malformed stage message: {exc}") from None
-    except (UnicodeDecodeError, RecursionError) as exc:
-        raise WireError(f"malformed stage message: {type(exc).__name__}") from None
-    if len(data) > msg.max_bytes:
-        raise WireError(f"{type(msg).__name__} of {len(data)} bytes exceeds its cap of {msg.max_bytes}")
-    if msg.v != PROTOCOL_VERSION:
-        raise WireError(f"stage protocol version {msg.v} is not supported (this node speaks {PROTOCOL_VERSION})")
+    msg: StageMessage = decode_checked(_decoder, data, "stage message")
     return msg
