@@ -425,9 +425,9 @@ def test_gpt2_profile_counts_matmuls_attention_and_the_tied_head() -> None:
     assert units["transformer.h.0.mlp.c_fc.bias"].flops >= 2 * b * t * d * 4 * d
     ln_f = units["transformer.ln_f.weight"]
     assert head < ln_f.flops < 1.1 * head
-    assert units["transformer.wte.weight"].flops < 0.01 * head  # the embedding is a gather
+    assert units["transformer.wte.weight"].flops < 0.05 * head  # a gather: ELEMENT_COST per element, no matmul
     block = sum(u.flops for name, u in units.items() if name.startswith("transformer.h.0."))
-    assert ln_f.flops > 0.15 * block
+    assert ln_f.flops > 0.1 * block  # the head matters to the partitioner even at vocab 128
     assert units["transformer.wte.weight"].param_bytes == v * d * 4
 
 

@@ -304,10 +304,12 @@ def encode_message(msg: Message) -> bytes:
 
 
 def decode_message(data: bytes | bytearray | memoryview, expect: type[M] | None = None) -> M | Message:
-    """Parse and validate one message; ``expect`` narrows the accepted kind."""
+    """Parse and validate one message; ``expect`` narrows the accepted kind, and its size cap is then
+    checked before parsing (a DHT record holding a WorkerCapability cannot make us parse 2 MiB)."""
     size = memoryview(data).nbytes
-    if size > MAX_MESSAGE_BYTES:
-        raise WireError(f"control message of {size} bytes exceeds the largest allowed ({MAX_MESSAGE_BYTES} bytes)")
+    limit = expect.max_bytes if expect is not None else MAX_MESSAGE_BYTES
+    if size > limit:
+        raise WireError(f"control message of {size} bytes exceeds the largest allowed ({limit} bytes)")
     msg = decode_checked(_decoder, data, "control message")
     if expect is not None and not isinstance(msg, expect):
         raise WireError(f"expected a {expect.__name__} message, got {type(msg).__name__}")
