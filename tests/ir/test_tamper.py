@@ -306,7 +306,7 @@ BAD_TARGETS = [
     "aten.add",
     "aten.save.default",
     "aten._local_scalar_dense.default",
-    "aten.copy_.default",
+    "aten.resize_.default",  # in-place growth past what the dry run measured
     "aten.set_.source_Storage",
     "prims.device_put.default",
     "tl.set_grad_enabled",  # a grad region without its subgraph

@@ -91,4 +91,3 @@ def test_worker_refuses_channels_of_jobs_it_was_not_assigned(start_node: Callabl
     assert node.status()["data_plane"]["channels"] == []
     assert node.stop() < 2.0
     assert "Traceback" not in node.output, node.output[-5000:]
-

@@ -209,9 +209,9 @@ class StageModule(torch.nn.Module):
             raise IRError("the weights do not hold exactly the declared parameters, buffers and constants")
         if not set(p.storage_keys) <= set(p.parameters):
             raise IRError("storage keys name parameters the program does not declare")
-        for group in p.tie_groups:
-            if not group or group[0] not in p.parameters:
-                raise IRError(f"tie group {group[:3]} does not start with a declared parameter")
+        for group in p.tie_groups:  # one tensor under several names (a tied weight, a buffer also lifted as a constant)
+            if not group or group[0] not in declared:
+                raise IRError(f"tie group {group[:3]} does not start with a declared parameter, buffer or constant")
         n_inputs = len(p.signature.inputs)
         if n_inputs != p.signature.positional + len(p.signature.keywords):
             raise IRError("the signature's inputs do not match its positional and keyword counts")
@@ -341,7 +341,7 @@ class StageModule(torch.nn.Module):
                     with torch.set_grad_enabled(bool(args[0]) and torch.is_grad_enabled()):
                         sub = self._run(step.subgraph, args[1:], state, device, training, on_value)[0]
                     env[step.name] = tuple(sub)
-                elif step.train_only and not training:
+                elif step.train_only and not training and self._program.captured_train:
                     env[step.name] = args[0]
                 else:
                     env[step.name] = step.fn(*args, **kwargs)  # type: ignore[misc]

@@ -53,6 +53,7 @@ ATEN_OPS: frozenset[str] = frozenset(
         "aten.index.Tensor", "aten.gather.default", "aten.cat.default", "aten.stack.default",
         "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int",
         "aten.repeat.default", "aten.tril.default", "aten.triu.default", "aten.sym_size.int",
+        "aten.copy_.default", "aten.index_copy_.default", "aten.index_copy.default",
         "aten.detach.default", "aten.broadcast_tensors.default", "aten.pad.default", "aten.constant_pad_nd.default",
         # creation (shapes are bounded by the dry run) and conversion
         "aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",

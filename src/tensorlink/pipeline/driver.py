@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import trio
+from torch.export import Dim
 
 from tensorlink.ir import StageProgram, capture
 from tensorlink.ir.split import Split, profile, split
@@ -48,6 +49,7 @@ from tensorlink.wire.stage import (
 )
 
 log = logging.getLogger(__name__)
+GENERATION_PREFIX = "model."  # where transformers' static-cache wrapper keeps the model
 OPTIMIZER_SLOTS = {"SGD": 1, "Adam": 2, "AdamW": 2, "Adagrad": 1, "Adadelta": 2, "Adamax": 2, "NAdam": 2,
                    "RAdam": 2, "RMSprop": 2}  # fmt: skip
 
@@ -67,6 +69,7 @@ class Program:
     whole: StageProgram
     split: Split
     out_spec: Any
+    prefix: str = ""  # the parameters' names here are the training program's with this prefix
 
 
 class Driver:
@@ -122,6 +125,34 @@ class Driver:
                 config.use_cache = use_cache
         return Program(whole, None, getattr(whole, "out_spec", None))  # type: ignore[arg-type]
 
+    def capture_cached(self, module: torch.nn.Module, batch: int, example_ids: torch.Tensor) -> Program:
+        """The generation program of an HF causal LM: ``(input_ids, cache_position) -> logits`` with a
+        static KV cache as buffers, which the split leaves on the stage of each layer. Its weights are
+        the training program's under a ``model.`` prefix; the workers share them by name."""
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        generation = getattr(module, "generation_config", None)
+        if generation is None:
+            raise ValueError("generate() works on Hugging Face causal LMs (a model with a generation_config)")
+        saved = (module.config.use_cache, generation.use_cache, generation.cache_implementation)
+        module.config.use_cache, generation.use_cache, generation.cache_implementation = True, True, "static"
+        try:
+            wrapper = TorchExportableModuleWithStaticCache(module, batch_size=batch, max_cache_len=self.max_seq_len)
+            seq = Dim("seq", min=1, max=self.max_seq_len)
+            ids = example_ids.contiguous()
+            whole = capture(
+                wrapper,
+                (),
+                example_kwargs={"input_ids": ids, "cache_position": torch.arange(ids.shape[1])},
+                dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                train=False,
+            )
+        finally:
+            module.config.use_cache, generation.use_cache, generation.cache_implementation = saved
+        program = Program(whole, None, None)  # type: ignore[arg-type]
+        program.prefix = GENERATION_PREFIX
+        return program
+
     def sizes(self, program: StageProgram, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
         """The program's symbolic dims at these (full micro-batch) inputs."""
         sizes: dict[str, int] = {}
@@ -158,16 +189,20 @@ class Driver:
     async def load(self, key: str, program: Program) -> None:
         assert self.job is not None
         if program.split is None:
-            program.split = split(program.whole, self.owner, len(self.job.stages))
+            owner = {program.prefix + name: stage for name, stage in self.owner.items()}
+            program.split = split(program.whole, owner, len(self.job.stages))
         self.programs[key] = program
         sp = program.split
+
+        job = self.job
 
         async def one(ref: StageRef) -> None:
             part = sp.parts[ref.index]
             data = part.program.to_bytes()
             inputs, outputs = slots(sp, ref.index)
-            await self.job.send_blob(ref, [torch.frombuffer(bytearray(data), dtype=torch.uint8)])  # type: ignore[union-attr]
-            await self.job.command(ref, LoadProgram(key=key, size=len(data), inputs=inputs, outputs=outputs))  # type: ignore[union-attr]
+            load = LoadProgram(key=key, size=len(data), inputs=inputs, outputs=outputs, prefix=program.prefix)  # type: ignore[arg-type]
+            await job.send_blob(ref, [torch.frombuffer(bytearray(data), dtype=torch.uint8)])
+            await job.command(ref, load)
 
         async with trio.open_nursery() as n:
             for ref in self.job.stages:

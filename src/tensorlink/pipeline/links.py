@@ -84,24 +84,29 @@ class Audit:
     def __init__(self, keep: int = 4096) -> None:
         self.frames = 0
         self.dtypes: dict[str, set[str]] = {}
+        self.integer_shapes: dict[str, set[tuple[int, ...]]] = {}  # token ids would show up here
         self.digests: collections.deque[str] = collections.deque(maxlen=keep)
 
     def record(self, lane: int, tensor: torch.Tensor) -> None:
         self.frames += 1
-        self.dtypes.setdefault(Lane(lane).name, set()).add(str(tensor.dtype).removeprefix("torch."))
+        name = Lane(lane).name
+        self.dtypes.setdefault(name, set()).add(str(tensor.dtype).removeprefix("torch."))
+        if not tensor.is_floating_point():
+            self.integer_shapes.setdefault(name, set()).add(tuple(tensor.shape))
         self.digests.append(tensor_digest(tensor))
 
     def view(self) -> dict[str, object]:
         return {
             "frames": self.frames,
             "dtypes": {lane: sorted(names) for lane, names in self.dtypes.items()},
+            "integer_shapes": {lane: sorted(map(list, shapes)) for lane, shapes in self.integer_shapes.items()},
             "digests": list(self.digests),
         }
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (contiguous, CPU), as an owner would compute it for its own inputs."""
-    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -125,6 +130,9 @@ class ChannelLink:
                 self.mailbox.put((lane, route.step, route.micro_batch, index), tensor.clone())
         except ChannelError as exc:
             self.mailbox.fail(f"channel to {self.channel.peer} closed: {exc.reason}")
+        except Exception as exc:  # a frame this side cannot handle ends this link, never the node
+            self.mailbox.fail(f"link to {self.channel.peer} failed: {type(exc).__name__}: {exc}")
+            await self.channel.aclose()
         except trio.Cancelled:
             self.mailbox.fail(f"link to {self.channel.peer} stopped")
             raise

@@ -142,6 +142,7 @@ class OffloadedModel(torch.nn.Module):
         self._optimizer: tuple[str, dict[str, Any]] | None = None
         self._inputs: list[torch.Tensor] = []
         self._anchor = torch.zeros((), requires_grad=True)
+        self._generation_batch: int | None = None  # the batch the workers' KV caches are sized for
 
     # -- the model's call -----------------------------------------------------------------------------------
 
@@ -281,38 +282,44 @@ class OffloadedModel(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **unsupported: Any) -> torch.Tensor:
-        """Greedy decoding for HF causal LMs, on the workers with the trained weights."""
+        """Greedy decoding for HF causal LMs, on the workers with the trained weights. Each stage keeps
+        the KV cache of its own layers: the prompt is sent once, then one token per step."""
         if unsupported:
             raise OffloadError(f"generate() supports greedy decoding only; not: {', '.join(sorted(unsupported))}")
         self._require_started()
-        if "eval" not in self.driver.programs:
-            program = self.driver.capture(self.local, *_example([], {"input_ids": input_ids}), train=False)
-            self.client.call(self.driver.load, "eval", program)
         limit = self.driver.max_seq_len
-        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        if limit is None:
+            raise OffloadError("generate() needs max_seq_len (offload(..., max_seq_len=N)) to size the KV cache")
+        if input_ids.shape[1] + max_new_tokens > limit:
             raise OffloadError(
                 f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                 f"{limit} positions the model was captured for; shorten the prompt or ask for fewer tokens"
             )
+        batch = input_ids.shape[0]
+        if self._generation_batch != batch:  # the cache is sized for one batch: capture again for another
+            program = self.driver.capture_cached(self.local, batch, input_ids)
+            self.client.call(self.driver.load, "eval", program)
+            self._generation_batch = batch
         config = getattr(self.local, "config", None)
         eos = getattr(config, "eos_token_id", None)
         pad = getattr(config, "pad_token_id", None)
         pad = eos if pad is None else pad
-        ids = input_ids
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        program = self.driver.programs["eval"]
-        logits_index = _logits_output(program)
+        ids, step_ids = input_ids, input_ids
+        done = torch.zeros(batch, dtype=torch.bool)
         for _ in range(max_new_tokens):
+            start = ids.shape[1] - step_ids.shape[1]
+            positions = torch.arange(start, ids.shape[1])
             run = functools.partial(
-                self.driver.run, "eval", [ids], mode="none", training=False, loss_output=-1,
-                to_user=[logits_index], grad_to_user=[], micro_batches=1, tail=1,
+                self.driver.run, "eval", [step_ids, positions], mode="none", training=False, loss_output=-1,
+                to_user=[0], grad_to_user=[], micro_batches=1, tail=1,
             )  # fmt: skip
             result = self.client.call(run)
-            token = result.outputs[logits_index][:, -1, :].argmax(-1)
+            token = result.outputs[0][:, -1, :].argmax(-1)
             if eos is not None:
                 token = torch.where(done, torch.full_like(token, pad), token)
                 done |= token == eos
             ids = torch.cat([ids, token[:, None]], dim=1)
+            step_ids = token[:, None]
             if eos is not None and bool(done.all()):
                 break
         return ids
@@ -379,15 +386,6 @@ def _loss_output(program: Any) -> int | None:
     if sig.output == "tensor":
         return 0
     return None
-
-
-def _logits_output(program: Any) -> int:
-    sig = program.whole.program.signature
-    if sig.output == "dict":
-        if "logits" not in sig.output_keys:
-            raise OffloadError("generate() needs a model whose output has logits (a causal LM)")
-        return sig.output_keys.index("logits")
-    return 0
 
 
 def _structure(program: Any, outputs: dict[int, torch.Tensor]) -> Any:

@@ -60,6 +60,7 @@ class LoadProgram(StageMessage, tag="load_program"):
     size: Annotated[int, msgspec.Meta(ge=1, le=64 << 30)]
     inputs: Annotated[list[InputSlot], msgspec.Meta(max_length=4096)]
     outputs: Annotated[list[OutputSlot], msgspec.Meta(max_length=4096)]
+    prefix: Annotated[str, msgspec.Meta(max_length=64)] = ""  # eval: its names = the training program's + this
     max_bytes: ClassVar[int] = 1 << 20
 
 

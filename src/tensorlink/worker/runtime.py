@@ -124,12 +124,14 @@ class StageRuntime:
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.train_module.named_parameters())
 
-    def load(self, key: str, data: bytes, inputs: list[InputSlot], outputs: list[OutputSlot]) -> None:
+    def load(self, key: str, data: bytes, inputs: list[InputSlot], outputs: list[OutputSlot], prefix: str = "") -> None:
         """Validate and build a stage program (IR load: no user code). A second program takes the first
-        one's live parameters and buffers by name, so generation sees the trained weights."""
+        one's live parameters (and buffers of the same name) by name, its names being the training
+        program's with ``prefix``, so generation sees the trained weights; its own buffers (a KV cache)
+        stay its own."""
         module = load(data, device=self.device, train=key == "train", max_memory_bytes=self.max_memory_bytes)
         if key != "train" and "train" in self.programs:
-            _share_state(self.programs["train"].module, module)
+            _share_state(self.programs["train"].module, module, prefix)
         self.programs[key] = LoadedProgram(module, inputs, outputs)
 
     def state_tensors(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
@@ -351,10 +353,11 @@ def _hyper_values(hyper: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
 
 
-def _share_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Point ``target``'s parameters and buffers at ``source``'s tensors of the same names."""
-    src_params = dict(source.named_parameters())
-    src_buffers = dict(source.named_buffers())
+def _share_state(source: torch.nn.Module, target: torch.nn.Module, prefix: str = "") -> None:
+    """Point ``target``'s parameters and buffers at ``source``'s tensors of the same names (``target``'s
+    names being ``prefix`` + ``source``'s)."""
+    src_params = {prefix + n: p for n, p in source.named_parameters()}
+    src_buffers = {prefix + n: b for n, b in source.named_buffers()}
     for name, _ in list(target.named_parameters()):
         if name not in src_params:
             raise StageError("cannot_share", f"the eval program needs {name!r}, which this stage does not hold")

@@ -105,7 +105,7 @@ class Session:
             if data.numel() != msg.size:
                 raise StageError("bad_program", f"program of {data.numel()} bytes, announced {msg.size}")
             raw = data.numpy().tobytes()
-            await trio.to_thread.run_sync(rt.load, msg.key, raw, msg.inputs, msg.outputs)
+            await trio.to_thread.run_sync(rt.load, msg.key, raw, msg.inputs, msg.outputs, msg.prefix)
         elif isinstance(msg, RunStep):
             await rt.run_step(msg)
         elif isinstance(msg, RunBackward):
