@@ -24,8 +24,9 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as read_safetensors  # the safetensors format: no pickle, no code
+from safetensors.torch import save as write_safetensors
 
 from tensorlink.ir import schema as s
 from tensorlink.ir.errors import IRError
@@ -258,7 +259,7 @@ def split(program: StageProgram, owner: Mapping[str, int], n_stages: int) -> Spl
     order = {name: i for i, name in enumerate([*user_inputs, *(n.name for n in a.nodes)])}
     crossing = sorted(need, key=order.__getitem__)
 
-    weights = safetensors.torch.load(program.weights)
+    weights = read_safetensors(program.weights)
     parts: list[StagePart] = []
     holders: dict[str, list[int]] = {}
     buffer_users: dict[str, list[int]] = {}
@@ -349,7 +350,7 @@ def _build_part(
         tie_groups=[g for g in p.tie_groups if g[0] in params],
         storage_keys={n: key for n, key in p.storage_keys.items() if n in params},
     )
-    blob = safetensors.torch.save({n: weights[n] for n in [*params, *buffers, *constants]})
+    blob = write_safetensors({n: weights[n] for n in [*params, *buffers, *constants]})
     return StagePart(k, StageProgram(program, blob), tuple(inputs), tuple(outputs), tuple(params))
 
 
