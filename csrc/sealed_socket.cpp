@@ -114,7 +114,8 @@ SealedSocket::SealedSocket(int fd, const uint8_t* send_key, const uint8_t* recv_
       verify_crc_(verify_crc),
       sealer_(send_key, key_len, true),
       scratch_(kHeaderSize + kSealTag + kSealChunk + kSealTag),
-      opener_(recv_key, key_len, false) {}
+      opener_(recv_key, key_len, false),
+      ahead_(kReadAhead) {}
 
 void SealedSocket::fail(const std::string& why) {
   std::lock_guard<std::mutex> lock(reason_mu_);
@@ -217,7 +218,7 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
   try {
     for (;;) {
       // Where the next bytes go: the header record, or the current payload chunk and then its tag.
-      iovec iov[2];
+      iovec iov[3];
       int n_iov = 0;
       if (!recv_have_header_) {
         iov[n_iov++] = {recv_hdr_ + recv_hdr_got_, sizeof(recv_hdr_) - recv_hdr_got_};
@@ -232,10 +233,29 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
         size_t tag_got = recv_chunk_got_ > chunk ? recv_chunk_got_ - chunk : 0;
         iov[n_iov++] = {recv_tag_ + tag_got, kSealTag - tag_got};
       }
-      msghdr msg{};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = n_iov;
-      ssize_t r = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+      size_t want = 0;
+      for (int i = 0; i < n_iov; ++i) want += iov[i].iov_len;
+      ssize_t r;
+      if (ahead_pos_ < ahead_end_) {
+        r = static_cast<ssize_t>(take_ahead(iov, n_iov));
+      } else {
+        // With no header yet, or on the frame's last chunk, the bytes after this frame (the next frame's
+        // header, a small frame whole) come along into the read-ahead buffer: one recvmsg per small frame.
+        bool last_chunk = recv_have_header_ && recv_h_.payload_len - recv_chunk_start_ <= kSealChunk;
+        if (!recv_have_header_ || last_chunk) iov[n_iov++] = {ahead_.data(), ahead_.size()};
+        msghdr msg{};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = n_iov;
+        r = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+        if (r > 0) {
+          bytes_received_ += static_cast<uint64_t>(r);
+          if (static_cast<size_t>(r) > want) {
+            ahead_pos_ = 0;
+            ahead_end_ = static_cast<size_t>(r) - want;
+            r = static_cast<ssize_t>(want);
+          }
+        }
+      }
       if (r == 0) throw ConnectionClosed(receiving() ? "peer closed the channel in the middle of a frame"
                                                      : "peer closed the channel");
       if (r < 0) {
@@ -251,7 +271,6 @@ RecvStatus SealedSocket::pump_recv(bool blocking, double timeout_s, const Signal
         if (errno == ECONNRESET) throw ConnectionClosed("peer reset the channel");
         throw std::system_error(errno, std::generic_category(), "recv");
       }
-      bytes_received_ += static_cast<uint64_t>(r);
       if (!recv_have_header_) {
         recv_hdr_got_ += static_cast<size_t>(r);
         if (recv_hdr_got_ < sizeof(recv_hdr_)) continue;
@@ -310,6 +329,19 @@ std::unique_ptr<PooledBuffer> SealedSocket::acquire_payload_buffer(bool blocking
       if (left >= 0 && left <= slice) throw TimeoutExpired("waiting for buffer pool space timed out");
     }
   }
+}
+
+// Moves read-ahead bytes into the targets a recvmsg would have filled, in order; returns how many.
+size_t SealedSocket::take_ahead(const iovec* iov, int n_iov) {
+  size_t got = 0;
+  for (int i = 0; i < n_iov && ahead_pos_ < ahead_end_; ++i) {
+    size_t k = std::min(iov[i].iov_len, ahead_end_ - ahead_pos_);
+    std::memcpy(iov[i].iov_base, ahead_.data() + ahead_pos_, k);
+    ahead_pos_ += k;
+    got += k;
+    if (k < iov[i].iov_len) break;
+  }
+  return got;
 }
 
 std::pair<FrameHeader, std::unique_ptr<PooledBuffer>> SealedSocket::take_frame() {

@@ -38,6 +38,8 @@ constexpr size_t kSealKey128 = 16;
 constexpr size_t kSealKey256 = 32;
 constexpr size_t kSealTag = 16;
 constexpr size_t kSealChunk = 256 * 1024;  // part of the protocol: both ends must agree
+// Receive-side read-ahead: bytes that arrive past the record being read wait here (local, not protocol).
+constexpr size_t kReadAhead = 64 * 1024;
 
 // A record failed AEAD authentication: tampering, a replay, a dropped record or the wrong key.
 struct AuthError : WireError {
@@ -97,7 +99,7 @@ class SealedSocket {
   RecvStatus pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal, uint64_t max_inline = UINT64_MAX);
   // Payload bytes of the frame being received once its header is in, else 0.
   uint64_t incoming() const { return recv_have_header_ ? recv_h_.payload_len : 0; }
-  bool receiving() const { return recv_hdr_got_ > 0 || recv_buf_ != nullptr; }
+  bool receiving() const { return recv_hdr_got_ > 0 || recv_buf_ != nullptr || ahead_pos_ < ahead_end_; }
   std::pair<FrameHeader, std::unique_ptr<PooledBuffer>> take_frame();
 
   // Wakes any blocked pump with an error; the owner closes the fd afterwards.
@@ -112,6 +114,7 @@ class SealedSocket {
 
  private:
   bool next_send_record();
+  size_t take_ahead(const struct iovec* iov, int n_iov);
   std::unique_ptr<PooledBuffer> acquire_payload_buffer(bool blocking, const detail::Deadline& deadline);
   void fail(const std::string& why);
   void check_usable() const;
@@ -144,6 +147,8 @@ class SealedSocket {
   uint8_t recv_tag_[kSealTag];
   uint32_t recv_crc_ = 0;
   bool recv_ready_ = false;
+  std::vector<uint8_t> ahead_;  // read-ahead: [ahead_pos_, ahead_end_) not yet consumed
+  size_t ahead_pos_ = 0, ahead_end_ = 0;
 
   // read by status calls on other threads while a pump runs
   std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, frames_sent_{0}, frames_received_{0};

@@ -18,13 +18,30 @@ from tensorlink.wire.frame import EncodedFrame, Frame, FrameHeader, Route, decod
 NO_ROUTE = Route()
 
 
-async def _acquire(lock: trio.Lock) -> None:
-    """Take a lock without a trip through the scheduler when nobody holds it: ``async with lock`` always
-    yields, which costs a small frame's round trip about as much as the send itself."""
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
+class Turn:
+    """A FIFO mutex for one direction of a channel, so concurrent senders never interleave frames.
+
+    Not trio.Lock: ``async with lock`` always yields to the scheduler, and even its ``acquire_nowait``
+    spends ~2 µs per frame on cancellation bookkeeping; an 8 KiB round trip takes four turns. Here an
+    uncontended turn is two attribute writes, and a release hands the turn straight to the first waiter."""
+
+    __slots__ = ("_held", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> None:
+        if self._held or self._waiters:
+            await self._waiters.park()  # woken by release() with the turn already ours
+        else:
+            self._held = True
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.unpark()  # _held stays True: ownership passes to the woken task
+        else:
+            self._held = False
 
 
 class Channel(abc.ABC):
@@ -49,8 +66,8 @@ class Channel(abc.ABC):
         self.remote: str | None = None  # the peer's ip:port for a direct connection
         self.closed_reason: str | None = None
         self.closed_at: float | None = None
-        self._send_lock = trio.Lock()
-        self._recv_lock = trio.Lock()
+        self._send_turn = Turn()
+        self._recv_turn = Turn()
         self._stagers: dict[torch.device, DeviceStager] = {}
 
     # --- the API -------------------------------------------------------------------------------------
@@ -68,21 +85,21 @@ class Channel(abc.ABC):
         frame = encode_frame(
             tensor.contiguous(), route, compression=compression, max_payload=self.max_payload, checksum=self.checksum
         )
-        await _acquire(self._send_lock)
+        await self._send_turn.acquire()
         try:
             await self._send_frame(frame)
         finally:
-            self._send_lock.release()
+            self._send_turn.release()
 
     async def recv(self, device: torch.device | str | None = None) -> Frame:
         """The next tensor and its route. The tensor lives in a pool buffer that returns to the pool when
         the tensor is freed; with a CUDA ``device`` it is copied there on the copy stream."""
         self._check_open()
-        await _acquire(self._recv_lock)
+        await self._recv_turn.acquire()
         try:
             header, buffer = await self._recv_frame()
         finally:
-            self._recv_lock.release()
+            self._recv_turn.release()
         tensor = decode_payload(header, buffer if buffer is not None else b"", verify=False)
         route = Route(header.job, header.step, header.micro_batch, header.stage)
         if device is not None and torch.device(device).type == "cuda":

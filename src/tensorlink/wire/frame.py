@@ -78,14 +78,15 @@ def encode_frame(
 
     ``checksum=False`` leaves the payload CRC at 0, for transports whose AEAD already authenticates every
     payload byte (the direct data plane); the header keeps its own checksum either way."""
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise WireError(f"frames carry host memory; this tensor is on {tensor.device} (copy it to the CPU first)")
     if not tensor.is_contiguous():
         raise WireError(
             f"tensor of shape {tuple(tensor.shape)} with strides {tensor.stride()} is not contiguous; "
             "call .contiguous() on it first (that copies it once)"
         )
-    compression = Compression(compression)
+    if type(compression) is not Compression:
+        compression = Compression(compression)
     dtype_code = code_of(tensor.dtype)
     shape = list(tensor.shape)
     if compression is Compression.NONE:
@@ -130,16 +131,18 @@ def decode_payload(header: FrameHeader, payload: object, *, verify: bool = True)
     if verify and _C.crc32c(view) != header.payload_crc:
         raise ChecksumError(f"payload checksum mismatch (corrupted in transit) in {header!r}")
     dtype, shape, numel = dtype_of(header.dtype), header.shape, header.numel
-    compression = Compression(header.compression)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     if view.readonly:
         view = memoryview(bytearray(view))  # torch needs writable memory; one copy, only for read-only input
-    if compression is Compression.NONE:
-        tensor = torch.frombuffer(view, dtype=dtype, count=numel).reshape(shape)
+    if header.compression == Compression.NONE:
+        tensor = torch.frombuffer(view, dtype=dtype, count=numel)
+        if len(shape) != 1:  # each torch call costs a few µs, which small frames notice
+            tensor = tensor.view(shape)
         if dtype is torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
             raise WireError("bool payload holds bytes other than 0 and 1")
         return tensor
+    compression = Compression(header.compression)
     if compression is Compression.INT8:
         scales, q = split_int8_payload(torch.frombuffer(view, dtype=torch.uint8), numel, header.block_size)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
