@@ -13,12 +13,13 @@ BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12"
 
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test bench install system-deps clean help
+.PHONY: demo test bench install contracts system-deps clean help
 
 help:
 	@echo "make demo   set everything up and train a GPT-2 across a local swarm of node processes"
 	@echo "make test   set everything up and run the test suite"
 	@echo "make bench  run every benchmark in benchmarks/"
+	@echo "make contracts  install the pinned Solidity compiler, OpenZeppelin and anvil (then: node contracts/compile.js)"
 	@echo "make clean  remove the venv and build outputs"
 
 $(VENV)/.stamp-venv:
@@ -46,6 +47,19 @@ system-deps:
 
 install: system-deps $(VENV)/.stamp-install
 
+# The Solidity toolchain (issue 7): solcjs 0.8.28, OpenZeppelin 5.4.0 and anvil 1.7.1, exactly as pinned in
+# contracts/package-lock.json. Nothing there needs an install script (anvil's binary arrives as an optional
+# platform package), so none runs. The compiled artifacts in contracts/build/ are committed, so the Python
+# package needs none of this; the tests use it to check that build/ matches the sources and to start anvil.
+# After changing contracts/src or contracts/test: `node contracts/compile.js`, then commit contracts/build/.
+CONTRACTS_STAMP := contracts/node_modules/.stamp-npm
+
+$(CONTRACTS_STAMP): contracts/package-lock.json contracts/package.json
+	cd contracts && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+contracts: $(CONTRACTS_STAMP)
+
 # The story in one command (issue 6): a LocalSwarm of a validator and two workers trains a small GPT-2
 # with tensorlink.offload() on the corpus in src/tensorlink/data, then samples from it (about 4 minutes
 # on 2 CPU cores; see `python -m tensorlink.demo --help`). The benchmarks of the parts it is built on
@@ -53,15 +67,16 @@ install: system-deps $(VENV)/.stamp-install
 demo: install
 	$(PY) -m tensorlink.demo
 
-test: install
+test: install contracts
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
-bench: install
+bench: install contracts
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/ir.py
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/gas.py
 
 clean:
-	rm -rf $(VENV) build src/tensorlink/_C*.so src/*.egg-info
+	rm -rf $(VENV) build src/tensorlink/_C*.so src/*.egg-info contracts/node_modules
