@@ -1,6 +1,10 @@
 """The EVM side of TensorLink: SNO token, validator/worker bonds, job settlement, reputation and
 slashing, reached through typed methods on an in-process chain (default) or a JSON-RPC node."""
 
+# isort: split
+from tensorlink.chain import recursion_guard  # noqa: F401  (before anything imports eth or py_ecc)
+
+# isort: split
 from tensorlink.chain import errors
 from tensorlink.chain.artifacts import ArtifactMissing
 from tensorlink.chain.backends import Backend, EmbeddedBackend, RpcBackend
