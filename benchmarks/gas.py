@@ -1,4 +1,5 @@
-"""Gas per contract operation: bonding, jobs, settlement by signer and worker count, claims, slashing.
+"""Gas per contract operation: bonding, jobs, settlement by signer and worker count, claims, sweeping
+unclaimed rewards, slashing.
 
     python benchmarks/gas.py                 # table, in-process py-evm chain
     python benchmarks/gas.py --json          # one JSON object: {"backend", "rows": [{"op", "gas", ...}]}
@@ -69,6 +70,18 @@ def _direct_settle(backend: Backend, chain: Chain, keys: list[bytes], workers: i
     return chain.settle(owner, msg, chain.sign_settle(keys, msg)).gas_used
 
 
+def _merkle_settle(backend: Backend, chain: Chain, keys: list[bytes], workers: int) -> tuple[int, RewardTree, int]:
+    """Open and settle a Merkle-mode job for `workers` fresh addresses: (job id, reward tree, settle gas)."""
+    owner = backend.accounts[8]
+    job = int(chain.open_job(owner, 100 * SNO).result or 0)
+    addrs = _fresh_addresses(workers)
+    work = [i % 7 + 1 for i in range(workers)]
+    per_work = int(chain.settlement.functions.rewardPerWork().call())
+    tree = RewardTree(reward_leaves(job, addrs, work, [1] * workers, per_work, 90 * SNO))
+    msg = Settle(job, chain.epoch(), backend.now() + 3600, b"\x01" * 32, 90 * SNO, (), (), (), tree.root, sum(work))
+    return job, tree, chain.settle(owner, msg, chain.sign_settle(keys, msg)).gas_used
+
+
 def measure(make_backend: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
@@ -105,17 +118,20 @@ def measure(make_backend: Any) -> list[dict[str, Any]]:
 
     # Merkle mode: one root for 32 workers, then each claims.
     owner = backend.accounts[8]
-    job = int(chain.open_job(owner, 100 * SNO).result or 0)
-    workers = _fresh_addresses(MERKLE_WORKERS)
-    work = [i % 7 + 1 for i in range(MERKLE_WORKERS)]
-    per_work = int(chain.settlement.functions.rewardPerWork().call())
-    tree = RewardTree(reward_leaves(job, workers, work, [1] * MERKLE_WORKERS, per_work, 90 * SNO))
-    msg = Settle(job, chain.epoch(), backend.now() + 3600, b"\x01" * 32, 90 * SNO, (), (), (), tree.root, sum(work))
-    gas = chain.settle(owner, msg, chain.sign_settle(keys, msg)).gas_used
+    _, tree, gas = _merkle_settle(backend, chain, keys, MERKLE_WORKERS)
     row(f"settle Merkle, 3 signers × {MERKLE_WORKERS} workers", gas, 3, MERKLE_WORKERS, note="claims extra")
     claims = [chain.claim(owner, leaf, tree.proof(leaf.worker)).gas_used for leaf in tree.leaves]
     row("claim (mean of 32)", sum(claims) // len(claims), note=f"min {min(claims):,}, max {max(claims):,}")
     row(f"settle Merkle + all {MERKLE_WORKERS} claims", gas + sum(claims), 0, MERKLE_WORKERS, note="total")
+
+    # Sweep: two Merkle jobs nobody claims from; once their window closed, one remainder is burnt (zero
+    # treasury), the other goes to a treasury address that held no SNO before.
+    burnt, _, _ = _merkle_settle(backend, chain, keys, MERKLE_WORKERS)
+    kept, _, _ = _merkle_settle(backend, chain, keys, MERKLE_WORKERS)
+    backend.advance_time(int(chain.settlement.functions.claimWindow().call()) + 1)
+    row("sweep_unclaimed (to burn)", chain.sweep_unclaimed(owner, burnt).gas_used, note="treasury zero")
+    chain.transact(backend.accounts[0], chain.settlement.functions.setTreasury(_fresh_addresses(1)[0]))
+    row("sweep_unclaimed (to treasury)", chain.sweep_unclaimed(owner, kept).gas_used, note="fresh treasury")
 
     # Slash: four validators, three sign against the fourth.
     backend = make_backend()

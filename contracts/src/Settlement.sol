@@ -9,6 +9,7 @@ import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {Math} from "@openzeppelin/contracts/utils/math/Math.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
 import {SNOToken} from "./SNOToken.sol";
 import {Staking} from "./Staking.sol";
@@ -16,7 +17,8 @@ import {Staking} from "./Staking.sol";
 /// @title Job escrow, quorum-signed settlement, rewards, reputation and slashing
 /// @notice A job owner escrows SNO; a quorum of staked validators signs one EIP-712 `Settle` message
 /// per job, which pays the workers from the escrow plus freshly minted work rewards, either directly
-/// (up to MAX_DIRECT_WORKERS) or through a Merkle root the workers claim against.
+/// (up to MAX_DIRECT_WORKERS) or through a Merkle root the workers claim against. Merkle rewards can be
+/// claimed for `claimWindow` seconds after settlement; what is left then can be swept to the treasury.
 /// @dev Replay protection is per job (status Open -> Settled) plus a deadline and the validator-set
 /// epoch, never a global nonce, so concurrent jobs never invalidate each other's signatures.
 contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules, ReentrancyGuard {
@@ -28,6 +30,10 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     /// escrow back, short enough that escrow cannot be locked indefinitely.
     uint64 public constant MIN_JOB_TIMEOUT = 1 hours;
     uint64 public constant MAX_JOB_TIMEOUT = 365 days;
+    /// @notice Bounds of claimWindow: long enough for every worker to claim, short enough that unclaimed
+    /// Merkle rewards do not sit in this contract for good.
+    uint64 public constant MIN_CLAIM_WINDOW = 7 days;
+    uint64 public constant MAX_CLAIM_WINDOW = 730 days;
 
     uint8 public constant STATUS_NONE = 0;
     uint8 public constant STATUS_OPEN = 1;
@@ -68,7 +74,15 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     }
 
     /// @dev `escrow` is what the contract still holds for the job (zeroed once settled or reclaimed);
-    /// `rewardLeft` is what Merkle-mode claims may still take.
+    /// `rewardLeft` is what Merkle-mode claims may still take (zeroed by a sweep); `settledAt` is when a
+    /// Merkle-mode job was settled (0 for other jobs: direct mode pays everyone at settle, and writing it
+    /// there would cost a fresh storage slot).
+    /// rewardLeft and settledAt share one slot, written together at settle and read together by claim and
+    /// sweep. uint192 is enough: rewardLeft = minted + payout, where minted was just added to the SNO
+    /// supply and payout comes out of escrow the contract already holds, so rewardLeft never exceeds
+    /// totalSupply. That can only pass 2**192 (6.3e39 SNO at 18 decimals, 6e30 times the default genesis
+    /// supply) through an absurd genesis supply or reward rate, and then settle reverts (SafeCast)
+    /// instead of truncating.
     struct Job {
         address owner;
         uint256 escrow;
@@ -76,13 +90,18 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
         uint8 status;
         bytes32 proofRoot;
         bytes32 rewardRoot;
-        uint256 rewardLeft;
+        uint192 rewardLeft;
+        uint64 settledAt;
     }
 
     SNOToken public immutable token;
     Staking public immutable staking;
-    /// @notice Receives slashed stake; zero burns it.
+    /// @notice Receives slashed stake and swept unclaimed rewards; zero burns them.
     address public treasury;
+    /// @notice Seconds after a Merkle-mode settlement during which its rewards can be claimed; after that
+    /// anyone may sweep the rest. Global (like jobTimeout), so a change applies to settled jobs too.
+    /// Packed into treasury's slot: sweepUnclaimed reads both.
+    uint64 public claimWindow;
     /// @notice SNO minted per unit of work.
     uint256 public rewardPerWork;
     /// @notice Seconds after opening from which the owner may reclaim an unsettled job's escrow.
@@ -103,6 +122,8 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     event RewardPerWorkSet(uint256 oldValue, uint256 newValue);
     event TreasurySet(address oldValue, address newValue);
     event JobTimeoutSet(uint64 oldValue, uint64 newValue);
+    event ClaimWindowSet(uint64 oldValue, uint64 newValue);
+    event UnclaimedSwept(uint256 indexed jobId, uint256 amount, address recipient);
 
     error ZeroAddress();
     error ZeroAmount();
@@ -127,6 +148,11 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     error PositiveSlashReputation(int256 delta);
     error BadJobTimeout(uint64 timeout);
     error TokenMismatch(address settlementToken, address stakingToken);
+    error BadClaimWindow(uint64 window);
+    error ClaimWindowClosed(uint256 jobId, uint256 closedAt);
+    error ClaimWindowOpen(uint256 jobId, uint256 closesAt);
+    error NotMerkleSettled(uint256 jobId);
+    error NothingToSweep(uint256 jobId);
 
     constructor(
         SNOToken token_,
@@ -135,7 +161,8 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
         uint48 adminDelay,
         address treasury_,
         uint256 rewardPerWork_,
-        uint64 jobTimeout_
+        uint64 jobTimeout_,
+        uint64 claimWindow_
     ) AccessControlDefaultAdminRules(adminDelay, admin) {
         if (address(token_) == address(0) || address(staking_) == address(0)) revert ZeroAddress();
         // Stake and rewards must be the same token, or slashing would move a different asset than the
@@ -143,11 +170,13 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
         address stakingToken = address(staking_.token());
         if (stakingToken != address(token_)) revert TokenMismatch(address(token_), stakingToken);
         _checkJobTimeout(jobTimeout_);
+        _checkClaimWindow(claimWindow_);
         token = token_;
         staking = staking_;
         treasury = treasury_;
         rewardPerWork = rewardPerWork_;
         jobTimeout = jobTimeout_;
+        claimWindow = claimWindow_;
     }
 
     // ---------------------------------------------------------------- jobs
@@ -176,7 +205,8 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
             status: STATUS_OPEN,
             proofRoot: bytes32(0),
             rewardRoot: bytes32(0),
-            rewardLeft: 0
+            rewardLeft: 0,
+            settledAt: 0
         });
         emit JobOpened(jobId, msg.sender, escrow);
         if (escrow != 0) token.safeTransferFrom(msg.sender, address(this), escrow);
@@ -259,13 +289,14 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     }
 
     /// @dev Merkle mode: mints rewardPerWork * totalWork to this contract, keeps `payout` of the escrow
-    /// for the claims and refunds the rest to the owner.
+    /// for the claims and refunds the rest to the owner. Starts the claim window.
     function _settleMerkle(Settle calldata s, Job storage job, address owner, uint256 escrow) private {
         if (s.workers.length != 0 || s.work.length != 0 || s.reputation.length != 0) revert LengthMismatch();
         if (s.totalWork == 0) revert ZeroAmount();
         uint256 minted = rewardPerWork * s.totalWork;
         job.rewardRoot = s.rewardRoot;
-        job.rewardLeft = minted + s.payout;
+        job.rewardLeft = SafeCast.toUint192(minted + s.payout); // see Job: cannot exceed totalSupply
+        job.settledAt = uint64(block.timestamp);
         emit JobSettled(s.jobId, s.proofRoot, s.rewardRoot, s.payout, minted);
         if (minted != 0) token.mint(address(this), minted);
         uint256 refund = escrow - s.payout;
@@ -274,23 +305,44 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
 
     /// @notice Pays a Merkle-mode reward to the worker its leaf names (whoever submits the proof).
     /// Leaf = keccak256(bytes.concat(keccak256(abi.encode(jobId, worker, amount, repDelta)))), the
-    /// OpenZeppelin StandardMerkleTree convention; one leaf per worker per job.
+    /// OpenZeppelin StandardMerkleTree convention; one leaf per worker per job. Open until
+    /// settledAt + claimWindow (inclusive).
     function claim(uint256 jobId, address worker, uint256 amount, int256 repDelta, bytes32[] calldata proof)
         external
         nonReentrant
     {
         Job storage job = jobs[jobId];
         bytes32 root = job.rewardRoot; // zero unless settled in Merkle mode, and no proof leads to zero
+        if (root == bytes32(0)) revert InvalidProof();
+        uint256 closedAt = uint256(job.settledAt) + claimWindow;
+        if (block.timestamp > closedAt) revert ClaimWindowClosed(jobId, closedAt);
         if (claimed[jobId][worker]) revert AlreadyClaimed(jobId, worker);
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(jobId, worker, amount, repDelta))));
-        if (root == bytes32(0) || !MerkleProof.verifyCalldata(proof, root, leaf)) revert InvalidProof();
+        if (!MerkleProof.verifyCalldata(proof, root, leaf)) revert InvalidProof();
         uint256 left = job.rewardLeft;
         if (amount > left) revert RewardExhausted(left, amount);
         claimed[jobId][worker] = true;
-        job.rewardLeft = left - amount;
+        job.rewardLeft = uint192(left - amount); // left - amount <= left, which fits
         emit WorkerPaid(jobId, worker, amount, repDelta);
         _addReputation(worker, repDelta);
         if (amount != 0) token.safeTransfer(worker, amount);
+    }
+
+    /// @notice Once a Merkle-mode job's claim window has closed, sends whatever its claims left to the
+    /// treasury, or burns it when the treasury is zero. Anyone may call it; it works once per job (later
+    /// calls find nothing left), and claims stay closed afterwards.
+    function sweepUnclaimed(uint256 jobId) external nonReentrant returns (uint256 amount) {
+        Job storage job = jobs[jobId];
+        if (job.rewardRoot == bytes32(0)) revert NotMerkleSettled(jobId);
+        uint256 closesAt = uint256(job.settledAt) + claimWindow;
+        if (block.timestamp <= closesAt) revert ClaimWindowOpen(jobId, closesAt);
+        amount = job.rewardLeft;
+        if (amount == 0) revert NothingToSweep(jobId);
+        job.rewardLeft = 0;
+        address recipient = treasury;
+        emit UnclaimedSwept(jobId, amount, recipient);
+        if (recipient == address(0)) token.burn(amount);
+        else token.safeTransfer(recipient, amount);
     }
 
     // ---------------------------------------------------------------- slashing
@@ -401,5 +453,15 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
 
     function _checkJobTimeout(uint64 timeout) private pure {
         if (timeout < MIN_JOB_TIMEOUT || timeout > MAX_JOB_TIMEOUT) revert BadJobTimeout(timeout);
+    }
+
+    function setClaimWindow(uint64 newWindow) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        _checkClaimWindow(newWindow);
+        emit ClaimWindowSet(claimWindow, newWindow);
+        claimWindow = newWindow;
+    }
+
+    function _checkClaimWindow(uint64 window) private pure {
+        if (window < MIN_CLAIM_WINDOW || window > MAX_CLAIM_WINDOW) revert BadClaimWindow(window);
     }
 }

@@ -47,9 +47,10 @@ class DeployParams(msgspec.Struct, frozen=True, kw_only=True):
     min_stake: int = 1_000 * SNO
     unbonding_delay: int = 7 * 86_400
     quorum_bps: int = 6_667  # more than two thirds: 3 of 3, 3 of 4, 5 of 7 (BFT's 2f + 1 of 3f + 1)
-    treasury: str = ZERO_ADDRESS  # zero: slashed stake is burnt
+    treasury: str = ZERO_ADDRESS  # zero: slashed stake and swept unclaimed rewards are burnt
     reward_per_work: int = 10**15  # 0.001 SNO minted per unit of work
     job_timeout: int = 86_400
+    claim_window: int = 30 * 86_400  # Merkle rewards are claimable this long after settle (7 to 730 days)
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -94,7 +95,9 @@ class Job(msgspec.Struct, frozen=True):
     status: str  # "none" | "open" | "settled" | "reclaimed"
     proof_root: bytes
     reward_root: bytes
-    reward_left: int
+    reward_left: int  # what claims may still take; 0 once swept
+    settled_at: int = 0  # Merkle-mode jobs only (0 otherwise)
+    claim_closes_at: int = 0  # last second a claim is accepted (settled_at + claim window); 0 if not Merkle
 
 
 def _amount(name: str, value: int) -> int:
@@ -187,6 +190,7 @@ class Chain:
             p.treasury,
             p.reward_per_work,
             p.job_timeout,
+            p.claim_window,
         )
         if token is None:
             self.backend.transact(deployer, token_contract.functions.bindMinter(settlement.address))
@@ -379,7 +383,8 @@ class Chain:
         return self.transact(sender, self.settlement.functions.settle(msg.as_tuple(), sigs))
 
     def claim(self, sender: LocalAccount, leaf: merkle.Leaf, proof: Sequence[bytes]) -> Receipt:
-        """Pay `leaf.worker` its Merkle-mode reward (anyone may send it; the worker named is paid)."""
+        """Pay `leaf.worker` its Merkle-mode reward (anyone may send it; the worker named is paid). Open until
+        `job(id).claim_closes_at`; later claims raise `errors.ClaimWindowClosed`."""
         if not isinstance(leaf, merkle.Leaf):
             raise ValueError("leaf must be a merkle.Leaf")
         for i, node in enumerate(proof):
@@ -387,6 +392,12 @@ class Chain:
                 raise ValueError(f"proof[{i}] must be 32 bytes")
         fn = self.settlement.functions.claim(leaf.job_id, leaf.worker, leaf.amount, leaf.rep_delta, list(proof))
         return self.transact(sender, fn)
+
+    def sweep_unclaimed(self, sender: LocalAccount, job_id: int) -> Receipt:
+        """After a Merkle-mode job's claim window closed, send what its claims left to the treasury (burnt
+        when the treasury is zero); anyone may send it. `receipt.result` is the amount swept."""
+        receipt = self.transact(sender, self.settlement.functions.sweepUnclaimed(_amount("job_id", job_id)))
+        return msgspec.structs.replace(receipt, result=int(receipt.event("UnclaimedSwept").args["amount"]))
 
     def slash(self, sender: LocalAccount, msg: eip712.Slash, signatures: Sequence[bytes]) -> Receipt:
         """Submit a quorum-signed slash; `receipt.result` is the stake actually taken."""
@@ -414,13 +425,19 @@ class Chain:
         staked, unbonding, release_at = self.staking.functions.stakeOf(_address("account", account)).call()
         return StakeInfo(int(staked), int(unbonding), int(release_at))
 
+    def claim_window(self) -> int:
+        """Seconds after a Merkle-mode settlement during which claims are accepted."""
+        return int(self.settlement.functions.claimWindow().call())
+
     def job(self, job_id: int) -> Job:
-        owner, escrow, opened_at, status, proof_root, reward_root, reward_left = self.settlement.functions.jobs(
-            _amount("job_id", job_id)
-        ).call()
+        (owner, escrow, opened_at, status, proof_root, reward_root, reward_left, settled_at) = (
+            self.settlement.functions.jobs(_amount("job_id", job_id)).call()
+        )
+        merkle_mode = bytes(reward_root) != bytes(32)
         return Job(
             owner, int(escrow), int(opened_at), JOB_STATUS.get(int(status), str(status)),
-            bytes(proof_root), bytes(reward_root), int(reward_left),
+            bytes(proof_root), bytes(reward_root), int(reward_left), int(settled_at),
+            int(settled_at) + self.claim_window() if merkle_mode else 0,
         )  # fmt: skip
 
     def reputation(self, account: str) -> int:
