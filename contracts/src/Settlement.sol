@@ -74,24 +74,25 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     }
 
     /// @dev `escrow` is what the contract still holds for the job (zeroed once settled or reclaimed);
-    /// `rewardLeft` is what Merkle-mode claims may still take (zeroed by a sweep); `settledAt` is when a
-    /// Merkle-mode job was settled (0 for other jobs: direct mode pays everyone at settle, and writing it
-    /// there would cost a fresh storage slot).
-    /// rewardLeft and settledAt share one slot, written together at settle and read together by claim and
+    /// `rewardLeft` is what Merkle-mode claims may still take (zeroed by a sweep); `claimClosesAt` is the
+    /// last second a Merkle-mode job's rewards can be claimed, fixed at settle from the claimWindow of
+    /// that moment, so a later setClaimWindow cannot shorten (or reopen) the window of a settled job
+    /// (0 for other jobs: direct mode pays everyone at settle, and writing it would cost a fresh slot).
+    /// rewardLeft and claimClosesAt share one slot, written together at settle and read together by claim and
     /// sweep. uint192 is enough: rewardLeft = minted + payout, where minted was just added to the SNO
     /// supply and payout comes out of escrow the contract already holds, so rewardLeft never exceeds
     /// totalSupply. That can only pass 2**192 (6.3e39 SNO at 18 decimals, 6e30 times the default genesis
     /// supply) through an absurd genesis supply or reward rate, and then settle reverts (SafeCast)
     /// instead of truncating.
     struct Job {
-        address owner;
-        uint256 escrow;
+        address owner; // owner, openedAt and status share one slot: opening a job writes two slots
         uint64 openedAt;
         uint8 status;
+        uint256 escrow;
         bytes32 proofRoot;
         bytes32 rewardRoot;
         uint192 rewardLeft;
-        uint64 settledAt;
+        uint64 claimClosesAt;
     }
 
     SNOToken public immutable token;
@@ -99,8 +100,8 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     /// @notice Receives slashed stake and swept unclaimed rewards; zero burns them.
     address public treasury;
     /// @notice Seconds after a Merkle-mode settlement during which its rewards can be claimed; after that
-    /// anyone may sweep the rest. Global (like jobTimeout), so a change applies to settled jobs too.
-    /// Packed into treasury's slot: sweepUnclaimed reads both.
+    /// anyone may sweep the rest. Each job's closing time is fixed when it settles, so a change applies
+    /// to later settlements only. Packed into treasury's slot.
     uint64 public claimWindow;
     /// @notice SNO minted per unit of work.
     uint256 public rewardPerWork;
@@ -198,16 +199,11 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
 
     function _openJob(uint256 escrow) private returns (uint256 jobId) {
         jobId = ++jobCount;
-        jobs[jobId] = Job({
-            owner: msg.sender,
-            escrow: escrow,
-            openedAt: uint64(block.timestamp),
-            status: STATUS_OPEN,
-            proofRoot: bytes32(0),
-            rewardRoot: bytes32(0),
-            rewardLeft: 0,
-            settledAt: 0
-        });
+        Job storage job = jobs[jobId]; // fresh: only the non-zero fields are written
+        job.owner = msg.sender;
+        job.openedAt = uint64(block.timestamp);
+        job.status = STATUS_OPEN;
+        if (escrow != 0) job.escrow = escrow;
         emit JobOpened(jobId, msg.sender, escrow);
         if (escrow != 0) token.safeTransferFrom(msg.sender, address(this), escrow);
     }
@@ -296,7 +292,7 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
         uint256 minted = rewardPerWork * s.totalWork;
         job.rewardRoot = s.rewardRoot;
         job.rewardLeft = SafeCast.toUint192(minted + s.payout); // see Job: cannot exceed totalSupply
-        job.settledAt = uint64(block.timestamp);
+        job.claimClosesAt = uint64(block.timestamp) + claimWindow;
         emit JobSettled(s.jobId, s.proofRoot, s.rewardRoot, s.payout, minted);
         if (minted != 0) token.mint(address(this), minted);
         uint256 refund = escrow - s.payout;
@@ -305,8 +301,8 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
 
     /// @notice Pays a Merkle-mode reward to the worker its leaf names (whoever submits the proof).
     /// Leaf = keccak256(bytes.concat(keccak256(abi.encode(jobId, worker, amount, repDelta)))), the
-    /// OpenZeppelin StandardMerkleTree convention; one leaf per worker per job. Open until
-    /// settledAt + claimWindow (inclusive).
+    /// OpenZeppelin StandardMerkleTree convention; one leaf per worker per job. Open until the
+    /// job's claimClosesAt (inclusive).
     function claim(uint256 jobId, address worker, uint256 amount, int256 repDelta, bytes32[] calldata proof)
         external
         nonReentrant
@@ -314,7 +310,7 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
         Job storage job = jobs[jobId];
         bytes32 root = job.rewardRoot; // zero unless settled in Merkle mode, and no proof leads to zero
         if (root == bytes32(0)) revert InvalidProof();
-        uint256 closedAt = uint256(job.settledAt) + claimWindow;
+        uint256 closedAt = job.claimClosesAt;
         if (block.timestamp > closedAt) revert ClaimWindowClosed(jobId, closedAt);
         if (claimed[jobId][worker]) revert AlreadyClaimed(jobId, worker);
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(jobId, worker, amount, repDelta))));
@@ -334,7 +330,7 @@ contract Settlement is EIP712("TensorLink", "1"), AccessControlDefaultAdminRules
     function sweepUnclaimed(uint256 jobId) external nonReentrant returns (uint256 amount) {
         Job storage job = jobs[jobId];
         if (job.rewardRoot == bytes32(0)) revert NotMerkleSettled(jobId);
-        uint256 closesAt = uint256(job.settledAt) + claimWindow;
+        uint256 closesAt = job.claimClosesAt;
         if (block.timestamp <= closesAt) revert ClaimWindowOpen(jobId, closesAt);
         amount = job.rewardLeft;
         if (amount == 0) revert NothingToSweep(jobId);

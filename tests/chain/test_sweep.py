@@ -1,4 +1,4 @@
-"""Merkle-mode claim window and sweepUnclaimed: claims close at settledAt + claimWindow, after which what
+"""Merkle-mode claim window and sweepUnclaimed: claims close at the claimClosesAt fixed at settle, after which what
 the claims left goes to the treasury (or is burnt) exactly once."""
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def test_job_view_records_settlement_and_window(world: World) -> None:
     assert c.claim_window() == WINDOW == world.params.claim_window
     job, tree, settled_at = _merkle_job(world)
     view = c.job(job)
-    assert (view.settled_at, view.claim_closes_at, view.reward_left) == (settled_at, settled_at + WINDOW, tree.total)
+    assert (view.claim_closes_at, view.reward_left) == (settled_at + WINDOW, tree.total)
     direct = world.open_job()
     msg = world.settle_msg(direct)
     c.settle(world.owner, msg, c.sign_settle(world.keys, msg))
-    assert (c.job(direct).settled_at, c.job(direct).claim_closes_at) == (0, 0)  # only Merkle mode records it
+    assert c.job(direct).claim_closes_at == 0  # only Merkle mode records it
 
 
 def test_claims_close_exactly_at_the_window_end_and_sweep_opens_one_second_later(world: World) -> None:
@@ -95,7 +95,7 @@ def test_sweep_sends_exactly_the_unclaimed_remainder_to_the_treasury(world: Worl
     assert c.balance(c.settlement.address) == held - remainder == other_tree.total
     assert c.token.functions.totalSupply().call() == supply  # moved, not burnt
     view = c.job(job)
-    assert view.reward_left == 0 and view.settled_at == settled_at  # the window stays closed
+    assert view.reward_left == 0 and view.claim_closes_at == settled_at + WINDOW  # the window stays closed
     assert c.job(other).reward_left == other_tree.total
 
     with pytest.raises(errors.NothingToSweep) as info:
@@ -147,18 +147,23 @@ def test_sweep_needs_a_merkle_settled_job(world: World) -> None:
         assert info.value.args == (job,)
 
 
-def test_window_change_applies_to_settled_jobs(world: World) -> None:
+def test_window_change_applies_to_later_settlements_only(world: World) -> None:
+    """Each job's window is fixed when it settles: the admin can neither shorten a settled job's window
+    (and sweep its rewards early) nor reopen one; the new window applies from the next settlement."""
     c = world.chain
     job, tree, settled_at = _merkle_job(world)
-    rc = c.transact(world.admin, c.settlement.functions.setClaimWindow(60 * DAY))
-    assert rc.event("ClaimWindowSet").args == {"oldValue": WINDOW, "newValue": 60 * DAY}
-    assert c.job(job).claim_closes_at == settled_at + 60 * DAY
-    _next_block_at(world, settled_at + WINDOW + DAY)  # past the old window, inside the new one
+    rc = c.transact(world.admin, c.settlement.functions.setClaimWindow(8 * DAY))  # much shorter
+    assert rc.event("ClaimWindowSet").args == {"oldValue": WINDOW, "newValue": 8 * DAY}
+    assert c.job(job).claim_closes_at == settled_at + WINDOW  # unchanged
+    later, _, later_settled_at = _merkle_job(world)
+    assert c.job(later).claim_closes_at == later_settled_at + 8 * DAY
+    _next_block_at(world, settled_at + 9 * DAY)  # past the new window, inside the old one
     with pytest.raises(errors.ClaimWindowOpen):
         c.sweep_unclaimed(world.outsider, job)
     leaf = tree.leaves[0]
     c.claim(world.outsider, leaf, tree.proof(leaf.worker))
     assert c.balance(leaf.worker) == leaf.amount
+    c.sweep_unclaimed(world.outsider, later)  # the later job's shorter window has closed
 
 
 def test_claim_window_bounds_and_admin_only(world: World) -> None:

@@ -96,8 +96,7 @@ class Job(msgspec.Struct, frozen=True):
     proof_root: bytes
     reward_root: bytes
     reward_left: int  # what claims may still take; 0 once swept
-    settled_at: int = 0  # Merkle-mode jobs only (0 otherwise)
-    claim_closes_at: int = 0  # last second a claim is accepted (settled_at + claim window); 0 if not Merkle
+    claim_closes_at: int = 0  # Merkle mode: last second a claim is accepted, fixed at settle; 0 otherwise
 
 
 def _amount(name: str, value: int) -> int:
@@ -426,18 +425,17 @@ class Chain:
         return StakeInfo(int(staked), int(unbonding), int(release_at))
 
     def claim_window(self) -> int:
-        """Seconds after a Merkle-mode settlement during which claims are accepted."""
+        """Seconds after a Merkle-mode settlement during which claims are accepted (fixed per job at its
+        settlement; a change applies to later settlements only)."""
         return int(self.settlement.functions.claimWindow().call())
 
     def job(self, job_id: int) -> Job:
-        (owner, escrow, opened_at, status, proof_root, reward_root, reward_left, settled_at) = (
+        (owner, opened_at, status, escrow, proof_root, reward_root, reward_left, claim_closes_at) = (
             self.settlement.functions.jobs(_amount("job_id", job_id)).call()
         )
-        merkle_mode = bytes(reward_root) != bytes(32)
         return Job(
             owner, int(escrow), int(opened_at), JOB_STATUS.get(int(status), str(status)),
-            bytes(proof_root), bytes(reward_root), int(reward_left), int(settled_at),
-            int(settled_at) + self.claim_window() if merkle_mode else 0,
+            bytes(proof_root), bytes(reward_root), int(reward_left), int(claim_closes_at),
         )  # fmt: skip
 
     def reputation(self, account: str) -> int:
