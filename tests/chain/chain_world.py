@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -94,6 +95,25 @@ def make_world(params: DeployParams | None = None, validators: int = 3, token_ar
             world.add_validator(v)
         world.fund(world.owner, 10_000 * SNO)
     return world
+
+
+def make_reentrant_world(escrow: int = 100 * SNO) -> tuple[World, Any, int]:
+    """A world whose token is test/ReentrantToken (its transfers call back into Settlement.claim when
+    armed): three validators staked through approve (the test token has no permit) and one open job
+    escrowing `escrow`. Returns (world, token contract, job id)."""
+    world = make_world(token_artifact="test/ReentrantToken")
+    c = world.chain
+    token = c._contract("test/ReentrantToken", c.deployment.token)
+    for v in world.validators:
+        c.transact(world.admin, token.functions.mint(v.address, VALIDATOR_STAKE))
+        c.approve(v, c.staking.address, VALIDATOR_STAKE)
+        c.stake(v, VALIDATOR_STAKE)
+        c.join_validators(v)
+    c.transact(world.admin, token.functions.mint(world.owner.address, escrow))
+    c.approve(world.owner, c.settlement.address, escrow)
+    job = c.open_job(world.owner, escrow, permit=False).result
+    assert job is not None
+    return world, token, job
 
 
 def random_accounts(n: int) -> list[LocalAccount]:

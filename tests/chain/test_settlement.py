@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chain_world import REWARD_PER_WORK, World, make_world, random_accounts
+from chain_world import REWARD_PER_WORK, World, make_reentrant_world, make_world, random_accounts
 
 from tensorlink.chain import SNO, ZERO_ADDRESS, DeployParams, Leaf, RewardTree, errors, reward_leaves
 from tensorlink.chain.eip712 import ZERO32, Settle
@@ -373,18 +373,8 @@ def test_merkle_mode_rejects_worker_lists(world: World) -> None:
 
 
 def test_reentrant_claim_fails_and_pays_nothing_twice() -> None:
-    world = make_world(token_artifact="test/ReentrantToken")
-    c = world.chain  # the test token has no permit: stake and escrow through approve
-    token = c._contract("test/ReentrantToken", c.deployment.token)
-    for v in world.validators:
-        c.transact(world.admin, token.functions.mint(v.address, 2_000 * SNO))
-        c.approve(v, c.staking.address, 2_000 * SNO)
-        c.stake(v, 2_000 * SNO)
-        c.join_validators(v)
-    c.transact(world.admin, token.functions.mint(world.owner.address, 100 * SNO))
-    c.approve(world.owner, c.settlement.address, 100 * SNO)
-    job = c.open_job(world.owner, 100 * SNO, permit=False).result
-    assert job is not None
+    world, token, job = make_reentrant_world()
+    c = world.chain
     workers = [w.address for w in world.workers[:2]]
     tree = RewardTree(reward_leaves(job, workers, [1, 1], [0, 0], REWARD_PER_WORK, 50 * SNO))
     msg = world.settle_msg(job, [], [], [], payout=50 * SNO, reward_root=tree.root, total_work=2)

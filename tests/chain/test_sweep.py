@@ -4,7 +4,7 @@ the claims left goes to the treasury (or is burnt) exactly once."""
 from __future__ import annotations
 
 import pytest
-from chain_world import REWARD_PER_WORK, World, make_world, random_accounts
+from chain_world import REWARD_PER_WORK, World, make_reentrant_world, make_world, random_accounts
 
 from tensorlink.chain import SNO, ZERO_ADDRESS, DeployParams, RewardTree, errors, reward_leaves
 
@@ -207,18 +207,8 @@ def test_reward_left_above_uint192_reverts_instead_of_truncating() -> None:
 def test_sweep_cannot_be_reentered() -> None:
     """The sweep's transfer to the treasury re-enters claim (test token): the guard refuses it and the
     failed sweep leaves rewardLeft untouched."""
-    world = make_world(token_artifact="test/ReentrantToken")
+    world, token, job = make_reentrant_world()
     c = world.chain
-    token = c._contract("test/ReentrantToken", c.deployment.token)
-    for v in world.validators:
-        c.transact(world.admin, token.functions.mint(v.address, 2_000 * SNO))
-        c.approve(v, c.staking.address, 2_000 * SNO)
-        c.stake(v, 2_000 * SNO)
-        c.join_validators(v)
-    c.transact(world.admin, token.functions.mint(world.owner.address, 100 * SNO))
-    c.approve(world.owner, c.settlement.address, 100 * SNO)
-    job = c.open_job(world.owner, 100 * SNO, permit=False).result
-    assert job is not None
     workers = [a.address for a in random_accounts(2)]
     tree = RewardTree(reward_leaves(job, workers, [1, 1], [0, 0], REWARD_PER_WORK, 50 * SNO))
     msg = world.settle_msg(job, [], [], [], payout=50 * SNO, reward_root=tree.root, total_work=2)
