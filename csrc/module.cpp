@@ -16,6 +16,7 @@
 #include "errors.h"
 #include "frame_header.h"
 #include "frame_io.h"
+#include "json_depth.h"
 #include "quantize.h"
 #include "sealed_socket.h"
 
@@ -279,6 +280,13 @@ PYBIND11_MODULE(_C, m) {
         return py::buffer_info(reinterpret_cast<void*>(h.address), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(h.nbytes)}, {1}, /*readonly=*/false);
       });
+  m.def("json_depth", [](const py::handle& data, size_t limit) {
+    View v(data, false, "data");
+    py::gil_scoped_release nogil;  // released before v is destroyed (reverse order), so v drops with the GIL
+    return json_depth(v.data(), v.size(), limit);
+  }, py::arg("data"), py::arg("limit"),
+        "Maximum nesting of arrays/objects in a JSON text (brackets outside strings), without parsing it; "
+        "limit + 1 as soon as it exceeds limit. Bounds hostile nesting before a recursive decoder sees it.");
   m.def("host_memory", [](uintptr_t address, size_t nbytes, py::object owner) {
     if (nbytes > 0 && address == 0) throw py::value_error("host_memory: null address for a non-empty region");
     return py::memoryview(py::cast(HostMemory{std::move(owner), address, nbytes}));

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from tensorlink import _C
 from tensorlink.ir.errors import IRError
 from tensorlink.ir.schema import Program
 
@@ -23,6 +24,7 @@ MAX_MANIFEST_BYTES = 4096
 MAX_PROGRAM_BYTES = 16 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 MAX_SAFETENSORS_HEADER = 16 << 20
+MAX_JSON_DEPTH = 64  # arrays/objects; each nested list argument adds two
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
@@ -103,6 +105,7 @@ class StageProgram:
         weights = take(weights_len, "weights")
         if pos != len(view):
             raise IRError(f"{len(view) - pos} unexpected bytes after the weights")
+        _check_depth(manifest_bytes, "manifest")
         try:
             manifest = _MANIFEST_DECODER.decode(manifest_bytes)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -114,11 +117,20 @@ class StageProgram:
         if hashlib.sha256(weights).hexdigest() != manifest.weights_sha256:
             raise IRError("weights hash mismatch: the weights were altered after capture")
         _check_safetensors_header(weights)
+        _check_depth(program_bytes, "program JSON")
         try:
             program = _PROGRAM_DECODER.decode(program_bytes)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise IRError(f"malformed program JSON: {exc}") from None
         return cls(program, bytes(weights))
+
+
+def _check_depth(text: memoryview | bytes, what: str) -> None:
+    """Bound nesting before the recursive decoder runs. msgspec stops at the interpreter's recursion
+    limit, which imported libraries raise (py_ecc sets 100,000); that deep, a hostile program would
+    overflow the C stack and kill the worker instead of being refused."""
+    if _C.json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise IRError(f"{what} nesting depth exceeds {MAX_JSON_DEPTH} levels (captured programs nest about 10)")
 
 
 def _check_safetensors_header(weights: memoryview) -> None:
