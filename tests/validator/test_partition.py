@@ -185,3 +185,14 @@ def test_no_split_fits_in_memory() -> None:
     ) as info:
         partition(units, specs, private=False, optimizer_slots=0)
     assert info.value.code == "not_enough_memory"
+
+
+@pytest.mark.parametrize("gflops", [44.43154120955269, 56.821915709813084, 87.32880951334637, 1.0, 13.7])
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_time_bound_rounding_never_refuses_a_fitting_job(gflops: float, n_workers: int) -> None:
+    """With these speeds (total / speed) * speed rounds below total; the job fits in memory many times
+    over, so it must be placed (a CI run refused it as not_enough_memory)."""
+    units = [UnitCost(1e8, 1000, 100)] * 10
+    specs = workers(*[gflops] * n_workers, memory=2 * GB)
+    stages = partition(units, specs, private=False, optimizer_slots=0)
+    check_contiguous(stages, n_workers)

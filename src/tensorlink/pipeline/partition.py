@@ -135,7 +135,10 @@ def _split(units: Sequence[UnitCost], workers: Sequence[WorkerSpec], optimizer_s
         return np.minimum(by_time, by_memory)
 
     total = float(flops_prefix[-1])
-    low, high = total / speed.sum(), total / speed.min()  # the ideal, and a bound no stage's time can pass
+    # The ideal, and a bound no stage's time can pass. The slack keeps time from binding at `high`:
+    # (total / speed) * speed rounds below total for about one speed in nine, which made a single worker
+    # "unable" to hold a job that fits it (a CI run refused 24 KB on a 2 GB worker as not_enough_memory).
+    low, high = total / speed.sum(), total / speed.min() * (1 + 1e-9)
     best = reachable(high)
     if best is None:
         raise PartitionError(
