@@ -283,12 +283,7 @@ class Chain:
             self._token_name = self.token.functions.name().call()
         typed = {
             "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
+                "EIP712Domain": eip712.DOMAIN_TYPE,
                 "Permit": [
                     {"name": "owner", "type": "address"},
                     {"name": "spender", "type": "address"},

@@ -40,7 +40,7 @@ SLASH_TYPE = [
     {"name": "deadline", "type": "uint256"},
     {"name": "reputation", "type": "int256"},
 ]
-_DOMAIN_TYPE = [
+DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
     {"name": "version", "type": "string"},
     {"name": "chainId", "type": "uint256"},
@@ -175,7 +175,7 @@ def typed_data(dom: dict[str, Any], msg: Settle | Slash) -> dict[str, Any]:
     """The full EIP-712 document (what a wallet's eth_signTypedData_v4 would take)."""
     primary, fields = ("Settle", SETTLE_TYPE) if isinstance(msg, Settle) else ("Slash", SLASH_TYPE)
     return {
-        "types": {"EIP712Domain": _DOMAIN_TYPE, primary: fields},
+        "types": {"EIP712Domain": DOMAIN_TYPE, primary: fields},
         "primaryType": primary,
         "domain": dom,
         "message": msg.message(),
