@@ -76,6 +76,7 @@ bench: install contracts
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/ir.py
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/gpu_overlap.py
 	$(PY) benchmarks/gas.py
 
 clean:

@@ -39,6 +39,8 @@ alone), t_transfer (N precomputed CUDA outputs sent alone) and t_both (the pipel
     hidden fraction = (t_compute + t_transfer - t_both) / min(t_compute, t_transfer)
 
 1.0 means the shorter of the two is completely hidden behind the longer; 0 means they serialize.
+benchmarks/gpu_overlap.py measures the same on a DirectChannel without libp2p (for GPU machines whose
+Python cannot install libp2p's pins).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from typing import Any
 import multiaddr
 import torch
 import trio
+from gpu_overlap import ECHO, MAX_COMMANDS, SINK, channel_peer, command_tensor, measure_overlap
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -76,8 +79,7 @@ from rich.table import Table
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
 from tensorlink.p2p.streams import StreamError, read_exactly
-from tensorlink.transport import Channel, ChannelError, ChannelService, TransportConfig
-from tensorlink.wire.errors import WireError
+from tensorlink.transport import Channel, ChannelService, TransportConfig
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = {"kb8": 8 * KIB, "mb1": MIB, "mb64": 64 * MIB}
@@ -93,9 +95,7 @@ BENCH_PROTOCOL = "/tensorlink/bench-transport/1.0.0"
 JOB = b"bench-transport!"
 PIECE = MIB  # libp2p baseline: bytes per stream.write
 COMMAND = struct.Struct("!IQQ")  # op, frame size, frame count (raw TCP and libp2p)
-SINK, ECHO = 1, 2
 ACK = b"A"
-MAX_COMMANDS = 10_000  # per connection of the peer
 MAX_CONNECTIONS = 64
 IO_TIMEOUT_S = 60.0  # one blocking socket call of the raw TCP baseline
 STEP_TIMEOUT_S = 120.0  # one measurement
@@ -205,10 +205,6 @@ async def stream_write(stream: Any, view: memoryview) -> None:
         await stream.write(bytes(view[start : start + PIECE]))
 
 
-def command_tensor(op: int, size: int, count: int) -> torch.Tensor:
-    return torch.tensor([op, size, count], dtype=torch.int64)
-
-
 # --- the peer process ----------------------------------------------------------------------------------------
 
 
@@ -259,24 +255,6 @@ async def libp2p_peer(stream: Any) -> None:
             await stream.close()
         except Exception:
             pass
-
-
-async def channel_peer(channel: Channel) -> None:
-    ack = torch.zeros(1)
-    try:
-        for _ in range(MAX_COMMANDS):
-            op, _, count = (await channel.recv()).tensor.tolist()
-            for _ in range(count):
-                frame = await channel.recv()
-                if op == ECHO:
-                    await channel.send(frame.tensor)
-                del frame  # the pool buffer goes back at once
-            if op == SINK:
-                await channel.send(ack)
-    except (ChannelError, WireError):
-        pass  # the driver closed the channel
-    finally:
-        await channel.aclose()
 
 
 async def serve_async(raw_port: int, data_dir: Path) -> None:
@@ -592,100 +570,8 @@ async def interruptible(plan: Plan, info: dict[str, Any], progress: Progress) ->
 
 
 async def gpu_overlap(link: ChannelLink, plan: Plan) -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"gpu_overlap": None, "gpu_overlap_reason": "no CUDA device (torch.cuda.is_available() is False)"}
-    with trio.fail_after(STEP_TIMEOUT_S * 2):
-        return await _gpu_overlap(link, plan.gpu_micro_batches, plan.gpu_frame_mib)
-
-
-async def _gpu_overlap(link: ChannelLink, n: int, frame_mib: int) -> dict[str, Any]:
-    channel = link.channel
-    device = torch.device("cuda", torch.cuda.current_device())
-    hidden = 4096
-    rows = frame_mib * MIB // (4 * hidden)
-    torch.manual_seed(0)
-    x = torch.randn(rows, hidden, device=device)
-    w = torch.randn(hidden, hidden, device=device) / hidden**0.5
-    compute = torch.cuda.Stream(device)
-    compute.wait_stream(torch.cuda.current_stream(device))
-    default = torch.cuda.current_stream(device)
-
-    def stage(depth: int) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Enqueue one micro-batch (``depth`` matmuls) on the compute stream; never waits."""
-        with torch.cuda.stream(compute):
-            h = x
-            for _ in range(depth):
-                h = torch.tanh(h @ w)
-            return h, compute.record_event()
-
-    async def send_all(ys: trio.MemoryReceiveChannel) -> None:
-        async with ys:
-            async for y, ready in ys:
-                default.wait_event(ready)  # channel.send stages after the work on the current stream
-                await channel.send(y)
-
-    async def sink(count: int) -> None:
-        await channel.send(command_tensor(SINK, rows * hidden * 4, count))
-
-    # Warm-up: kernels, the staging stream, pinned pool buffers, the peer's receive path.
-    y, ready = stage(2)
-    default.wait_event(ready)
-    await sink(2)
-    for _ in range(2):
-        await channel.send(y)
-    await channel.recv()
-    torch.cuda.synchronize(device)
-
-    # Transfer alone: N precomputed CUDA outputs.
-    await sink(n)
-    start = time.perf_counter()
-    for _ in range(n):
-        await channel.send(y)
-    await channel.recv()
-    t_transfer = time.perf_counter() - start
-
-    # Calibrate the stage so one micro-batch computes about as long as it transfers.
-    probe = 8
-    stage(probe)
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    stage(probe)
-    torch.cuda.synchronize(device)
-    per_matmul = (time.perf_counter() - start) / probe
-    depth = max(1, min(20_000, round(t_transfer / n / per_matmul)))
-
-    # Compute alone.
-    start = time.perf_counter()
-    for _ in range(n):
-        stage(depth)
-    torch.cuda.synchronize(device)
-    t_compute = time.perf_counter() - start
-
-    # Both: the producer runs at most two micro-batches ahead of the sender.
-    await sink(n)
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        ys_in, ys_out = trio.open_memory_channel[tuple[torch.Tensor, torch.cuda.Event]](2)
-        nursery.start_soon(send_all, ys_out)
-        async with ys_in:
-            for _ in range(n):
-                await ys_in.send(stage(depth))
-    await channel.recv()
-    torch.cuda.synchronize(device)
-    t_both = time.perf_counter() - start
-
-    hidden_fraction = (t_compute + t_transfer - t_both) / min(t_compute, t_transfer)
-    return {
-        "gpu_overlap": round(hidden_fraction, 3),
-        "gpu_device": torch.cuda.get_device_name(device),
-        "gpu_micro_batches": n,
-        "gpu_frame_mib": frame_mib,
-        "gpu_matmuls_per_stage": depth,
-        "gpu_compute_s": round(t_compute, 4),
-        "gpu_transfer_s": round(t_transfer, 4),
-        "gpu_both_s": round(t_both, 4),
-        "gpu_staging_pinned": bool(channel.pool.pinned),  # pageable staging would make the copies synchronous
-    }
+    """The same measurement as benchmarks/gpu_overlap.py, on this run's ChannelService channel."""
+    return await measure_overlap(link.channel, plan.gpu_micro_batches, plan.gpu_frame_mib)
 
 
 # --- reporting -------------------------------------------------------------------------------------------------

@@ -45,3 +45,24 @@ def test_cuda_sources_are_built_when_a_toolkit_is_found() -> None:
         assert not _C.cuda_compiled()
     else:
         assert _C.cuda_compiled() == bool(shutil.which("nvcc"))
+
+
+def test_channels_and_cuda_staging_import_without_libp2p() -> None:
+    """GPU machines may have a Python for which libp2p's pins have no wheels (fastecdsa 2.3.2 has none
+    for 3.12): the channels, the sealed socket, the CUDA staging and the wire formats must load without
+    it (benchmarks/gpu_overlap.py and tests/gpu run there); only the ChannelService needs libp2p."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["libp2p"] = None  # any import of it raises ImportError
+        import tensorlink.transport.direct, tensorlink.transport.staging, tensorlink.wire.frame
+        from tensorlink.transport import Channel, ChannelError
+        try:
+            from tensorlink.transport import ChannelService
+        except ImportError:
+            print("service needs libp2p")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "service needs libp2p"

@@ -10,8 +10,19 @@ Direct channels carry AES-GCM records on a TCP connection of their own (native, 
 when no direct connection is possible the same API runs on the libp2p stream (``channel.kind``).
 """
 
+from __future__ import annotations
+
 from tensorlink.transport.channel import Channel
 from tensorlink.transport.errors import ChannelError, ChannelRefused
-from tensorlink.transport.service import PROTOCOL, ChannelService, TransportConfig
 
 __all__ = ["PROTOCOL", "Channel", "ChannelError", "ChannelRefused", "ChannelService", "TransportConfig"]
+
+
+def __getattr__(name: str) -> object:
+    """The libp2p-facing service, imported on first use: the channels, the sealed socket and the CUDA
+    staging work without libp2p (GPU machines whose Python has no libp2p wheels can run them)."""
+    if name in ("PROTOCOL", "ChannelService", "TransportConfig"):
+        from tensorlink.transport import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module 'tensorlink.transport' has no attribute {name!r}")
