@@ -105,7 +105,6 @@ class StageProgram:
         weights = take(weights_len, "weights")
         if pos != len(view):
             raise IRError(f"{len(view) - pos} unexpected bytes after the weights")
-        _check_depth(manifest_bytes, "manifest")
         try:
             manifest = _MANIFEST_DECODER.decode(manifest_bytes)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
