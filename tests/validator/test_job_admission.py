@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,20 @@ class User:
         return reply  # type: ignore[return-value]
 
 
-@pytest.fixture
-async def user(swarm: LocalSwarm, tmp_path: Path) -> AsyncIterator[User]:
-    key_pair = load_or_create_identity(tmp_path)
+@asynccontextmanager
+async def connected_user(swarm: LocalSwarm, key_dir: Path) -> AsyncIterator[User]:
+    """A user host with the identity kept in ``key_dir``, connected to the swarm's validator."""
+    key_pair = load_or_create_identity(key_dir)
     host = make_host(key_pair)
     async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(swarm.validator_addrs[0])))
         yield User(host, peer_id_of(key_pair), swarm)
+
+
+@pytest.fixture
+async def user(swarm: LocalSwarm, tmp_path: Path) -> AsyncIterator[User]:
+    async with connected_user(swarm, tmp_path) as user:
+        yield user
 
 
 def small_worker(swarm: LocalSwarm) -> str:
@@ -123,7 +131,7 @@ async def test_malformed_requests_get_an_error_and_the_validator_lives_on(swarm:
     assert swarm.validators[0].proc.poll() is None
 
 
-async def test_memory_is_never_promised_twice(swarm: LocalSwarm, user: User) -> None:
+async def test_memory_is_never_promised_twice(swarm: LocalSwarm, user: User, tmp_path: Path) -> None:
     """Two jobs that each need most of the big worker: the second is refused, either by the worker (its
     reservation is taken) or by the validator (the worker's record already shows less free memory).
     Last in the module: the reservation holds the big worker for the claim timeout."""
@@ -134,4 +142,8 @@ async def test_memory_is_never_promised_twice(swarm: LocalSwarm, user: User) -> 
     assert [p.peer_id for p in plan.placements] == [big.peer_id]
     with pytest.raises(JobRefused) as info:
         await user.ask(user.request(1, units=units))
+    assert info.value.code == "too_many_pending"  # one job waiting to start per owner
+    async with connected_user(swarm, tmp_path / "other") as other:
+        with pytest.raises(JobRefused) as info:
+            await other.ask(other.request(1, units=units))
     assert info.value.code == "not_enough_memory"

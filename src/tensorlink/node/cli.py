@@ -20,11 +20,12 @@ EPILOG = f"""\
 config file: every flag has a key of the same name in <data-dir>/{CONFIG_FILE} (dashes become
 underscores; repeatable flags are lists), e.g.
     role = "validator"
+    validators = ["12D3KooW..."]
     listen = ["/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
     bootstrap = ["/ip4/203.0.113.7/tcp/{DEFAULT_PORT}/p2p/12D3KooW..."]
 
 examples:
-    python -m tensorlink.node                                   # a worker on port {DEFAULT_PORT}
+    python -m tensorlink.node --validator 12D3KooW...           # a worker on port {DEFAULT_PORT}
     python -m tensorlink.node --role validator --relay          # a validator that also relays
     python -m tensorlink.node --bootstrap /ip4/203.0.113.7/tcp/{DEFAULT_PORT}/p2p/12D3KooW...
     curl -s 127.0.0.1:{DEFAULT_STATUS_PORT}/status                          # what the node knows
@@ -131,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep a SHA-256 digest and the dtype of every tensor a job's owner sends this worker, shown in "
         "/status (to check what a job's owner really shares; costs a hash of each tensor)",
     )
+    p.add_argument(
+        "--validator",
+        action="append",
+        metavar="PEER_ID",
+        dest="validators",
+        help="a trusted validator of this network, repeatable: workers take stages only from these, and "
+        "only their records count (default: none; a worker then refuses every assignment)",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        metavar="SECONDS",
+        dest="claim_timeout_s",
+        help="how long a worker holds a stage whose owner has not started it (default: 30)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "channel_cipher": args.channel_cipher,
         "torch_threads": args.torch_threads,
         "audit_inputs": args.audit_inputs,
+        "validators": args.validators,
+        "claim_timeout_s": args.claim_timeout_s,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

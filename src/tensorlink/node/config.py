@@ -43,6 +43,14 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     channel_cipher: Literal["aes-128-gcm", "aes-256-gcm"] = "aes-128-gcm"
     torch_threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None  # None: torch's default
     audit_inputs: bool = False  # record digests of what jobs' owners send (worker/stage_host.py)
+    # The network's trusted validators (validator/trust.py): only these may assign stages, and only
+    # their records count. Empty: no validator is trusted, a worker refuses every assignment.
+    validators: list[Annotated[str, msgspec.Meta(pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,128}\Z")]] = msgspec.field(
+        default_factory=list
+    )
+    # How long a worker holds a stage its owner has not started (validators stop counting the job as
+    # waiting after the same time). An honest owner claims within a second of its plan.
+    claim_timeout_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
 
 
 def default_data_dir() -> Path:

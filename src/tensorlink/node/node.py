@@ -30,6 +30,7 @@ from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, 
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
 from tensorlink.transport import ChannelService, TransportConfig
 from tensorlink.validator.service import JOB_PROTOCOL, JobService
+from tensorlink.validator.trust import ValidatorTrust
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
 from tensorlink.worker.assignments import ASSIGN_PROTOCOL, Assignments, assign_handler
 
@@ -43,7 +44,6 @@ PUBLISHER_LISTING_S = 30.0  # full listings are expensive (a walk per shard); he
 MISSING_RECORD_RETRY_S = 2.0
 MAX_FETCHES_PER_REFRESH = 32
 DIAL_BACK_SERVERS = 5
-VALIDATOR_LOOKUP_S = 5.0  # a stage assignment waits this long for the record of an unknown validator
 
 
 class Node:
@@ -67,10 +67,13 @@ class Node:
             ),
         )
         self.gossip = Gossip(self.host)
+        self.trust = ValidatorTrust(config.validators)
         self.capability: Any = None  # selfbench.Capability on workers
         self.assignments: Assignments | None = None  # workers: stages accepted from validators
         self.stage_host: Any = None  # workers: worker.stage_host.StageHost, the stages being run
-        self.job_service = JobService(self.host, self.peer_id, self._live_worker_capabilities)
+        self.job_service = JobService(
+            self.host, self.peer_id, self._live_worker_capabilities, pending_window_s=config.claim_timeout_s
+        )
         self.reachability = Reachability.UNKNOWN
         self.dial_back: DialBack | None = None
         self.nat: NatTraversal | None = None
@@ -125,7 +128,10 @@ class Node:
                 p.to_base58(): connection_kind(self.host, p) or "closed" for p in self.host.get_connected_peers()
             },
             "workers": _live_views(self.workers, now),
-            "validators": _live_views(self.validators, now),
+            "validators": [
+                {**view, "trusted": self.trust.trusts(view["peer_id"])} for view in _live_views(self.validators, now)
+            ],
+            "trusted_validators": self.trust.rule,
             "heartbeats": {peer: round(now - seen, 1) for peer, seen in self.last_heartbeat.items()},
             "data_plane": {
                 "port": self.channels.data_port,
@@ -175,7 +181,9 @@ class Node:
             from tensorlink.node.selfbench import measure  # torch: workers only, validators start faster
 
             self.capability = measure(self.config.device, self.config.max_memory_gb)
-            self.assignments = Assignments(self.capability.free_memory_bytes, is_validator=self._is_validator)
+            self.assignments = Assignments(
+                self.capability.free_memory_bytes, validators=self.trust, claim_timeout_s=self.config.claim_timeout_s
+            )
             from tensorlink.worker.stage_host import StageHost  # torch and the IR: workers only
 
             self.stage_host = StageHost(
@@ -197,7 +205,7 @@ class Node:
             port = await nursery.start(self.status_server.serve, self.config.status_port)
             await nursery.start(self.channels.serve)
             if self.assignments is not None:
-                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments, self._learn_validator))
+                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments))
             if self.stage_host is not None:
                 await nursery.start(self.stage_host.serve)
             if self.config.role == "validator":
@@ -372,16 +380,6 @@ class Node:
         now_ms = time.time() * 1000
         return [r.message for r in self.workers.values() if r.expires_ms > now_ms]  # type: ignore[misc]
 
-    def _is_validator(self, peer: str) -> bool:
-        record = self.validators.get(peer)
-        return record is not None and record.expires_ms > time.time() * 1000
-
-    async def _learn_validator(self, peer: str) -> None:
-        """Fetch the record of a peer that assigns a stage before this node's refresh loop found it."""
-        if not self._is_validator(peer):
-            with trio.move_on_after(VALIDATOR_LOOKUP_S):
-                await self._fetch_one(VALIDATORS, self.validators, peer)
-
     async def _stop_on_signal(self, signals: Any, services: trio.CancelScope) -> None:
         async for signum in signals:
             if services.cancel_called:
@@ -413,6 +411,7 @@ class Node:
             *(f"  listening:    {a}" for a in self.addrs()),
             f"  reachability: {self._reachability_line()}",
             f"  data plane:   {self._data_plane_line()}",
+            f"  validators:   trusted: {self.trust.rule}",
         ]
         if self.capability:
             c = self.capability

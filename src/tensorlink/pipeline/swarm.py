@@ -5,7 +5,9 @@ workers bootstrap from the validators. All start at once (a node takes seconds t
 libp2p): the validators' identities are created and their ports picked here first, so their addresses
 are known before they run, and workers retry the bootstrap until a validator answers. Entering the
 context waits until every validator lists every worker as live and every worker knows every validator,
-so a job can be placed at once; leaving it stops only the processes it started.
+so a job can be placed at once; leaving it stops only the processes it started. Every node is told the
+swarm's validators (``--validator``): the swarm's configuration is the network's list of trusted
+validators, as a real network's config.toml would be.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class LocalSwarm:
         log_dir: str | Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         worker_flags: Sequence[str] = (),
+        validator_flags: Sequence[str] = (),
     ) -> None:
         if validators < 1:
             raise ValueError("a swarm needs at least one validator: workers bootstrap from it")
@@ -127,6 +130,7 @@ class LocalSwarm:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.ready_timeout_s = ready_timeout_s
         self.worker_flags = list(worker_flags)  # extra `python -m tensorlink.node` flags, e.g. --audit-inputs
+        self.validator_flags = list(validator_flags)
         self.validators: list[SwarmNode] = []
         self.workers: list[SwarmNode] = []
         self._root: Path | None = None
@@ -170,18 +174,22 @@ class LocalSwarm:
             self._root = None
 
     def _start(self) -> None:
+        dirs = [self._data_dir(f"validator{i}") for i in range(self.n_validators)]
+        ids = [peer_id_of(load_or_create_identity(d)) for d in dirs]
+        trusted = [flag for peer in ids for flag in ("--validator", peer)]
         bootstrap: list[str] = []
-        for i in range(self.n_validators):
-            data_dir = self._data_dir(f"validator{i}")
+        for data_dir, peer in zip(dirs, ids, strict=True):
             listen = f"/ip4/127.0.0.1/tcp/{_free_port()}"
             # a validator bootstraps from the ones before it, so the first one is up without waiting
-            self.validators.append(self._spawn("validator", data_dir, listen, ["--role", "validator", *bootstrap]))
-            bootstrap += ["--bootstrap", f"{listen}/p2p/{peer_id_of(load_or_create_identity(data_dir))}"]
+            flags = ["--role", "validator", *trusted, *bootstrap, *self.validator_flags]
+            self.validators.append(self._spawn("validator", data_dir, listen, flags))
+            bootstrap += ["--bootstrap", f"{listen}/p2p/{peer}"]
         # Workers start once the validators listen: a worker that dials too early lands in libp2p's
         # negative dial cache and may not retry within the ready timeout on a loaded machine.
         self._wait_banner(self.validators)
         for i, memory in enumerate(self.worker_memory_gb):
-            flags = ["--role", "worker", "--threads", str(self.threads_per_worker), *bootstrap, *self.worker_flags]
+            flags = ["--role", "worker", "--threads", str(self.threads_per_worker), *trusted, *bootstrap]
+            flags += self.worker_flags
             if memory is not None:
                 flags += ["--max-memory", str(memory)]
             self.workers.append(self._spawn("worker", self._data_dir(f"worker{i}"), "/ip4/127.0.0.1/tcp/0", flags))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tensorlink.pipeline.partition import PartitionError, WorkerSpec, partition, stage_totals
 from tensorlink.wire.messages import JobPlan, JobRequest, StageAssign, StagePlacement, WorkerCapability
+from tensorlink.worker.assignments import MIN_STAGE_BYTES
 
 
 class JobRefused(Exception):
@@ -71,7 +72,7 @@ def _plan(
             addrs=c.addrs,
             stage=stage,
             units=(totals[stage].first, totals[stage].last),
-            memory_bytes=totals[stage].memory_bytes,
+            memory_bytes=max(totals[stage].memory_bytes, MIN_STAGE_BYTES),  # what the worker will reserve
         )
         for stage, c in peer_of.items()
     ]

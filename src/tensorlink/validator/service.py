@@ -4,6 +4,11 @@ Admission: the request must come from its owner; live workers are matched and th
 (validator/matching.py, in a thread: a big model takes the partitioner seconds); each chosen worker is
 sent its StageAssign over the worker's ``ASSIGN_PROTOCOL``. A worker that refuses or does not answer is
 left out and the job re-planned without it, a few times, before the user is told why it failed.
+
+Hoarding: a job reserves its workers until its owner starts it, which an honest owner does within a
+second of the plan. An owner may have ``max_pending_per_owner`` admitted jobs younger than the workers'
+claim timeout (``pending_window_s``); more are refused, so one requester cannot lock the network with
+jobs it never starts.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from tensorlink.wire.messages import (
     StageAssigned,
     WorkerCapability,
 )
-from tensorlink.worker.assignments import ASSIGN_PROTOCOL
+from tensorlink.worker.assignments import ASSIGN_PROTOCOL, CLAIM_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ ASSIGN_TIMEOUT_S = 10.0
 ADDRS_TTL_S = 600
 MAX_ATTEMPTS = 3  # plans tried per request; each leaves out the workers that refused the one before
 MAX_JOBS_KEPT = 256  # admitted jobs shown in the status, newest last
+MAX_PENDING_PER_OWNER = 1  # offload() opens one job per model, each under an identity of its own
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,20 @@ class JobService:
     """Serves ``JOB_PROTOCOL`` (register ``handle`` with serve_protocol). ``workers()`` returns the live
     worker records this validator knows."""
 
-    def __init__(self, host: Any, peer_id: str, workers: Callable[[], list[WorkerCapability]]) -> None:
+    def __init__(
+        self,
+        host: Any,
+        peer_id: str,
+        workers: Callable[[], list[WorkerCapability]],
+        *,
+        pending_window_s: float = CLAIM_TIMEOUT_S,
+        max_pending_per_owner: int = MAX_PENDING_PER_OWNER,
+    ) -> None:
         self.host = host
         self.peer_id = peer_id
         self._workers = workers
+        self.pending_window_s = pending_window_s
+        self.max_pending_per_owner = max_pending_per_owner
         self.jobs: OrderedDict[bytes, AdmittedJob] = OrderedDict()
 
     async def handle(self, stream: Any) -> None:
@@ -86,6 +102,7 @@ class JobService:
         known = self.jobs.get(request.job)
         if known is not None and known.request.owner != request.owner:
             raise JobRefused("job_exists", f"job {request.job.hex()} belongs to another owner; pick a new job id")
+        self._check_pending(request)
         refused: dict[str, str] = {}
         for _ in range(MAX_ATTEMPTS):
             candidates = [c for c in self._workers() if c.peer_id not in refused]
@@ -109,6 +126,21 @@ class JobService:
                 return plan
             refused.update(failed)
         raise JobRefused("workers_refused", f"no plan was accepted by all its workers ({_refusals(refused)})")
+
+    def _check_pending(self, request: JobRequest) -> None:
+        """Refuse an owner that already holds its quota of jobs it may not have started yet."""
+        since = time.time() - self.pending_window_s
+        pending = [
+            job
+            for job, a in self.jobs.items()
+            if a.request.owner == request.owner and a.admitted > since and job != request.job
+        ]
+        if len(pending) >= self.max_pending_per_owner:
+            raise JobRefused(
+                "too_many_pending",
+                f"owner {request.owner} has {len(pending)} job(s) admitted in the last {self.pending_window_s:.0f} s "
+                f"(at most {self.max_pending_per_owner}): start them, or wait until their workers let them go",
+            )
 
     async def _assign(self, peer: str, addrs: list[str], assign: StageAssign, failed: dict[str, str]) -> None:
         """Send one StageAssign; a refusal or silence is recorded in ``failed`` with the reason."""

@@ -1,10 +1,13 @@
 """The stages a worker has accepted from validators, before and while their owners run them.
 
 A validator assigns a stage over ``ASSIGN_PROTOCOL`` (one StageAssign, answered by StageAssigned or an
-ErrorReply). The registry reserves the stage's memory so that two validators cannot promise the same
-bytes twice, and drops an assignment whose owner never claims it within ``claim_timeout_s``, so a user
-who asks for workers and walks away does not hold them. The stage runtime checks uploads against
-``get(job)`` (the owner, the neighbours), calls ``claim(job)`` when the owner starts the stage and
+ErrorReply). Only trusted validators may assign (validator/trust.py: the network's rule, never the
+peer's own record). The registry reserves the stage's memory, at least ``MIN_STAGE_BYTES`` whatever the
+validator declared, so that two validators cannot promise the same bytes twice. It drops an assignment
+whose owner does not claim it within ``claim_timeout_s`` (an honest owner claims within a second of its
+plan) and caps the unclaimed stages of one owner, so a user who asks for workers and walks away, or
+asks again and again, does not hold them. The stage runtime checks uploads against ``get(job)`` (the
+owner, the neighbours, the reservation), calls ``claim(job)`` when the owner starts the stage and
 ``release(job)`` when it ends.
 """
 
@@ -14,8 +17,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from tensorlink.p2p.streams import StreamError, close_stream, read_message, remote_peer, write_message
@@ -25,9 +29,19 @@ from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned
 log = logging.getLogger(__name__)
 
 ASSIGN_PROTOCOL = "/tensorlink/assign/1.0.0"
-CLAIM_TIMEOUT_S = 300.0
+CLAIM_TIMEOUT_S = 30.0  # plan to claim takes an honest owner well under 1 s on loopback (see the tests)
+MIN_STAGE_BYTES = 32 << 20  # the least a stage reserves: its program, buffers and frames are never free
+MAX_UNCLAIMED_PER_OWNER = 2  # unclaimed stages of one owner here, from any validators
 READ_TIMEOUT_S = 10.0
 MAX_ASSIGNMENTS = 256  # stages one worker holds at once, claimed or not: bounds what validators can pile up
+
+
+class ValidatorRule(Protocol):
+    """Who may assign stages (validator/trust.py's ValidatorTrust)."""
+
+    def trusts(self, peer: str) -> bool: ...
+
+    def refusal(self, peer: str) -> str: ...
 
 
 @dataclass
@@ -40,26 +54,32 @@ class _Entry:
 class Assignments:
     """The worker's registry of accepted stages, keyed by job (one stage per job per worker).
 
-    Only validators may assign: ``is_validator(peer)`` says whether a peer is one (the node passes "has a
-    live validator record"); ``trust_any_validator=True`` accepts any peer, for tests and private swarms.
-    ``capacity_bytes`` is the memory this worker offers to stages in all.
+    Only validators may assign: ``validators`` is the network's rule (validator/trust.py);
+    ``trust_any_validator=True`` accepts any peer, for unit tests. ``capacity_bytes`` is the memory this
+    worker offers to stages in all; each stage reserves at least ``min_stage_bytes`` of it, and the
+    StageAssign kept (``get``) carries the reservation as its ``memory_bytes``.
     """
 
     def __init__(
         self,
         capacity_bytes: int,
         *,
-        is_validator: Callable[[str], bool] | None = None,
+        validators: ValidatorRule | None = None,
         trust_any_validator: bool = False,
         claim_timeout_s: float = CLAIM_TIMEOUT_S,
+        min_stage_bytes: int = MIN_STAGE_BYTES,
+        max_unclaimed_per_owner: int = MAX_UNCLAIMED_PER_OWNER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if is_validator is None and not trust_any_validator:
-            raise ValueError("say who may assign stages: pass is_validator, or trust_any_validator=True")
+        if validators is None and not trust_any_validator:
+            raise ValueError("say who may assign stages: pass validators, or trust_any_validator=True")
+        if min_stage_bytes < 1:
+            raise ValueError("min_stage_bytes must be at least 1: a stage never runs in 0 bytes")
         self.capacity_bytes = capacity_bytes
-        self._is_validator = is_validator or (lambda peer: True)
-        self._trust_any = trust_any_validator
+        self._validators = validators
         self.claim_timeout_s = claim_timeout_s
+        self.min_stage_bytes = min_stage_bytes
+        self.max_unclaimed_per_owner = max_unclaimed_per_owner
         self._clock = clock
         self._entries: dict[bytes, _Entry] = {}
 
@@ -76,11 +96,12 @@ class Assignments:
                 code="not_the_validator",
                 message=f"the assignment names validator {assign.validator} but came from {from_peer}",
             )
-        if not self._trust_any and not self._is_validator(from_peer):
-            return ErrorReply(
-                code="not_a_validator",
-                message=f"{from_peer} has no live validator record here; only validators assign stages",
-            )
+        if self._validators is not None and not self._validators.trusts(from_peer):
+            why = self._validators.refusal(from_peer)
+            log.warning("refused stage %d of job %s: %s", assign.stage, assign.job.hex(), why)
+            return ErrorReply(code="not_a_validator", message=why[:1024])
+        # The program's runtime is never free: a declared 0 (or any tiny figure) reserves the floor.
+        assign = msgspec.structs.replace(assign, memory_bytes=max(assign.memory_bytes, self.min_stage_bytes))
         old = self._entries.get(assign.job)
         if old is not None and old.assign.validator != from_peer:
             return ErrorReply(
@@ -88,6 +109,13 @@ class Assignments:
             )
         if old is None and len(self._entries) >= MAX_ASSIGNMENTS:
             return ErrorReply(code="too_many_stages", message=f"this worker holds {MAX_ASSIGNMENTS} stages already")
+        waiting = sum(1 for j, e in self._entries.items() if e.assign.owner == assign.owner and not e.claimed)
+        if old is None and waiting >= self.max_unclaimed_per_owner:
+            return ErrorReply(
+                code="too_many_pending",
+                message=f"owner {assign.owner} already holds {waiting} stage(s) here that it has not started; "
+                f"start or abandon them first (unclaimed stages expire after {self.claim_timeout_s:.0f} s)",
+            )
         reserved = self.reserved_bytes() - (old.assign.memory_bytes if old else 0)
         if reserved + assign.memory_bytes > self.capacity_bytes:
             return ErrorReply(
@@ -113,7 +141,9 @@ class Assignments:
         entry = self._entries.get(job)
         if entry is None:
             return None
-        entry.claimed = True
+        if not entry.claimed:
+            entry.claimed = True
+            log.info("job %s claimed %.2f s after its assignment", job.hex(), self._clock() - entry.accepted)
         return entry.assign
 
     def release(self, job: bytes) -> None:
@@ -149,12 +179,9 @@ class Assignments:
             del self._entries[job]
 
 
-def assign_handler(
-    assignments: Assignments, learn_validator: Callable[[str], Awaitable[None]]
-) -> Callable[[Any], Awaitable[None]]:
+def assign_handler(assignments: Assignments) -> Callable[[Any], Awaitable[None]]:
     """The ``ASSIGN_PROTOCOL`` stream handler (for ``serve_protocol``): one StageAssign in, one answer
-    out. ``learn_validator(peer)`` runs first, so a validator whose record this worker has not fetched yet
-    is looked up instead of refused."""
+    out."""
 
     async def handle(stream: Any) -> None:
         peer = remote_peer(stream)
@@ -164,7 +191,6 @@ def assign_handler(
         except (StreamError, WireError, trio.TooSlowError) as exc:
             reply: StageAssigned | ErrorReply = ErrorReply(code="bad_request", message=str(exc)[:1024] or "timeout")
         else:
-            await learn_validator(peer)
             reply = assignments.accept(assign, peer)
         try:
             await write_message(stream, reply)
