@@ -66,14 +66,31 @@ ATEN_OPS: frozenset[str] = frozenset(
 
 # Python-level functions export emits for symbolic sizes and tuple outputs. Only operations under which a
 # size can never shrink as an input dim grows (add, mul, floordiv by a literal), so that the dry run at the
-# declared maximum shapes bounds every smaller shape too: (K - batch) or (K // batch) are refused.
+# declared maximum shapes bounds every smaller shape too: (K - batch) or (K // batch) are refused, and so are
+# negative literals (tensorlink.ir.argcheck checks their arguments).
 PY_OPS: dict[str, Callable[..., Any]] = {
     "operator.getitem": operator.getitem,
     "operator.add": operator.add,
     "operator.mul": operator.mul,
     "operator.floordiv": operator.floordiv,
 }
-LITERAL_SECOND_ARG = frozenset({"operator.floordiv"})
+
+# What one call costs the load-time dry run, in units of about 100 us on the meta device (every other op: 1).
+# Measured on CPU with torch 2.13 (benchmarks/ir_fuzz.py --time-ops): composites that decompose into many aten
+# calls on meta (attention's math path, the losses, the norms) take 0.5-1.5 ms, linear and cumsum ~0.3 ms, and
+# diff loops its order (at most 8) times.
+DRY_RUN_WEIGHT: dict[str, int] = {
+    **dict.fromkeys(
+        (
+            "aten.scaled_dot_product_attention.default", "aten.cross_entropy_loss.default",
+            "aten.batch_norm.default", "aten.group_norm.default", "aten.layer_norm.default",
+            "aten.rms_norm.default", "aten.nll_loss.default",
+        ),
+        16,
+    ),
+    **dict.fromkeys(("aten.linear.default", "aten.cumsum.default", "aten.matmul.default"), 4),
+    "aten.diff.default": 10,
+}  # fmt: skip
 
 # Higher-order op for regions that run with gradients switched (e.g. rotary embeddings under no_grad).
 SET_GRAD_REGION = "tl.set_grad_enabled"

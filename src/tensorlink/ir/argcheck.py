@@ -1,0 +1,317 @@
+"""Schema-typed checks of every argument of every operator call in a stage program, before anything runs.
+
+ATen's C++ trusts its callers: an integer given where the schema wants a ScalarType, Layout or MemoryFormat is
+cast to that enum as it is (out of range it crashed the worker in the dry run, and small ones got around the
+fixed dtype table), and a ``"cpu"`` string for a device made the meta dry run allocate and compute for real. So
+each argument is matched against the op's own schema (``torch.ops.aten.<op>.<overload>._schema``): enumerations
+only from the fixed tables of tensorlink.ir.schema, a device only as the worker's own, tensors only as references
+to earlier nodes, integers in range (dims within MAX_RANK, nothing past int64), strings only from an op's known
+choices, and references only to values of the right kind (a tensor where a tensor goes, a size where a size goes).
+
+The same pass prices the dry run (``Checked.cost``, in units of about 100 us of meta work) so that the loader can
+refuse a program that would take too long to validate before it starts: see MAX_COST.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from tensorlink.ir import schema as s
+from tensorlink.ir.errors import IRError
+from tensorlink.ir.ops import DRY_RUN_WEIGHT, PY_OPS, resolve
+
+# What a node yields, as far as its users are concerned.
+TENSOR, TENSORS, INT, SEQ, ANY, NONE = "tensor", "tensors", "int", "seq", "any", "none"
+Kind = str
+
+MAX_RANK = 64  # dims of a tensor; a dim argument lies in [-MAX_RANK, MAX_RANK)
+MAX_INT_LIST = 2 * MAX_RANK  # sizes, strides, permutations; pad lists hold two ints per dim
+MAX_OUTPUTS = 1024  # tensors one split/chunk/unbind may return
+MAX_COST = 100_000  # validation cost units (about 100 us of dry run each) a whole program may use
+INT64 = (-(2**63), 2**63 - 1)
+_ITEMS_PER_UNIT = 16  # list items (cat's inputs) or outputs (split's) that cost one unit
+
+# Integer arguments whose meaning needs a narrower range than int64, by argument name.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("dim", "dims", "dim0", "dim1", "start_dim", "end_dim"), (-MAX_RANK, MAX_RANK - 1)),
+    "reduction": (0, 2),  # none, mean, sum: an enum in C++
+    "groups": (1, 2**31),
+    "num_groups": (1, 2**31),
+    "chunks": (1, MAX_OUTPUTS),
+    "split_size": (1, INT64[1]),
+    "step": (1, INT64[1]),
+    "n": (0, 8),  # diff's order: the meta kernel loops n times
+    "padding_idx": (-(2**31), 2**31),
+    "ignore_index": (-(2**31), 2**31),
+}
+_LIST_LENGTHS: dict[str, int] = {"split_sizes": MAX_OUTPUTS}
+
+# String arguments: the values each op accepts (anything else is refused, whatever ATen would do with it).
+_STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
+    ("aten.gelu.default", "approximate"): frozenset({"none", "tanh"}),
+    ("aten.pad.default", "mode"): frozenset({"constant", "reflect", "replicate", "circular"}),
+    ("aten.div.Tensor_mode", "rounding_mode"): frozenset({"trunc", "floor"}),
+}
+
+_PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative, so sizes never shrink as inputs grow
+
+
+class Checked(NamedTuple):
+    kind: Kind  # what the node yields
+    cost: int  # dry-run cost units
+    force_device: bool  # the op takes a device keyword: the loader sets it to the worker's device
+
+
+class _Call:
+    """One node being checked: where errors point, and the kinds of the values it may refer to."""
+
+    def __init__(self, node: s.Node, kinds: Mapping[str, Kind]) -> None:
+        self.node = node
+        self.kinds = kinds
+
+    def fail(self, arg: str, expected: str, got: s.Arg | None) -> IRError:
+        shown = "nothing" if got is None else _describe(got, self.kinds)
+        return IRError(
+            f"node {self.node.name}: {self.node.target} argument {arg!r} must be {expected}, got {shown}"
+        )
+
+
+def check_call(node: s.Node, kinds: Mapping[str, Kind]) -> Checked:
+    """Check ``node`` (an allow-listed aten or Python op whose references are all defined in ``kinds``) against
+    its schema; raise IRError naming the node, op, argument and what was expected."""
+    call = _Call(node, kinds)
+    if node.target in PY_OPS:
+        return _check_py(call)
+    schema = _schema(node.target)
+    params = {a.name: a for a in schema.arguments}
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    if len(node.args) > len(positional):
+        raise IRError(
+            f"node {node.name}: {node.target} takes at most {len(positional)} positional arguments "
+            f"({', '.join(a.name for a in positional)}), got {len(node.args)}"
+        )
+    bound: dict[str, s.Arg] = {a.name: v for a, v in zip(positional, node.args, strict=False)}
+    for name, value in node.kwargs.items():
+        if name not in params:
+            raise IRError(f"node {node.name}: {node.target} has no argument {name!r} (it takes {', '.join(params)})")
+        if name in bound:
+            raise IRError(f"node {node.name}: {node.target} argument {name!r} is given twice")
+        bound[name] = value
+    cost = DRY_RUN_WEIGHT.get(node.target, 1)
+    for name, param in params.items():
+        if name not in bound:
+            if not param.has_default_value():
+                raise IRError(f"node {node.name}: {node.target} argument {name!r} is missing")
+            continue
+        cost += _check(call, name, param.real_type, bound[name], getattr(param, "N", None))
+    if node.target in _COUNTED_OUTPUTS:
+        cost += math.ceil(MAX_OUTPUTS / _ITEMS_PER_UNIT)
+    return Checked(_returns(schema), cost, _takes_device(schema))
+
+
+def bounded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, refusing (ValueError, an IRError once in the interpreter) a call that would return more than
+    MAX_OUTPUTS tensors: unbind and split by a size return as many as the input's dim allows, and on meta a
+    million of them cost a minute of validation."""
+    count = _COUNTED_OUTPUTS.get(target)
+    if count is None:
+        return fn
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        n = count(*args, **kwargs)
+        if n > MAX_OUTPUTS:
+            raise ValueError(f"{target} would return {n} tensors; the cap is {MAX_OUTPUTS}")
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _unbind_outputs(t: Any, dim: Any = 0) -> int:
+    return t.shape[dim] if isinstance(t, torch.Tensor) and isinstance(dim, int) and -t.dim() <= dim < t.dim() else 0
+
+
+def _split_outputs(t: Any, split_size: Any, dim: Any = 0) -> int:
+    if not isinstance(split_size, int) or split_size < 1:
+        return 0  # ATen refuses it
+    return -(-_unbind_outputs(t, dim) // split_size)
+
+
+_COUNTED_OUTPUTS: dict[str, Callable[..., int]] = {
+    "aten.unbind.int": _unbind_outputs,
+    "aten.split.Tensor": _split_outputs,
+}
+
+
+@functools.cache
+def _schema(target: str) -> torch.FunctionSchema:
+    return resolve(target)._schema  # type: ignore[attr-defined]
+
+
+def _returns(schema: torch.FunctionSchema) -> Kind:
+    kinds = [r.real_type.kind() for r in schema.returns]
+    if not kinds:
+        return NONE
+    if kinds == ["TensorType"]:
+        return TENSOR
+    if kinds in (["IntType"], ["SymIntType"]):
+        return INT
+    return TENSORS  # a Tensor[] or a tuple of tensors (every multi-output op in the allow-list)
+
+
+def _takes_device(schema: torch.FunctionSchema) -> bool:
+    return any(a.name == "device" and a.kwarg_only for a in schema.arguments)
+
+
+def _check(call: _Call, name: str, t: Any, arg: s.Arg, n: int | None) -> int:
+    """Check one argument against schema type ``t``; return its extra dry-run cost (long lists)."""
+    kind = t.kind()
+    if kind == "OptionalType":
+        if _is_none(arg):
+            return 0
+        return _check(call, name, t.getElementType(), arg, n)
+    if kind == "TensorType":
+        if isinstance(arg, s.Ref):  # export passes sizes, and number literals, where a 0-dim tensor goes
+            _expect_ref(call, name, arg, (TENSOR, INT, ANY), "a reference to a tensor or a size")
+        else:
+            _check_scalar(call, name, arg, "a reference to a tensor, or a number literal")
+        return 0
+    if kind == "ListType":
+        return _check_list(call, name, t.getElementType(), arg, n)
+    if kind in ("IntType", "SymIntType"):
+        _check_int(call, name, arg, symbolic=kind == "SymIntType")
+        return 0
+    if kind == "FloatType":
+        if not (isinstance(arg, s.Float) or _is_int_lit(arg)):
+            raise call.fail(name, "a float", arg)
+        _int_in(call, name, arg, INT64)
+        return 0
+    if kind == "NumberType":
+        _check_scalar(call, name, arg)
+        return 0
+    if kind == "BoolType":
+        if not (isinstance(arg, s.Lit) and isinstance(arg.value, bool)):
+            raise call.fail(name, "a literal true or false", arg)
+        if name == "pin_memory" and arg.value:
+            raise call.fail(name, "false or null (page-locked memory is outside the stage's reservation)", arg)
+        return 0
+    if kind == "StringType":
+        choices = _STR_CHOICES.get((call.node.target, name), frozenset())
+        if not (isinstance(arg, s.Lit) and isinstance(arg.value, str) and arg.value in choices):
+            raise call.fail(name, f"one of {sorted(choices)}", arg)
+        return 0
+    tag = _ENUM_TAGS.get(kind)
+    if tag is None:
+        raise IRError(f"node {call.node.name}: {call.node.target} argument {name!r} has type {t}, which stage "
+                      "programs cannot pass")  # fmt: skip
+    if not isinstance(arg, tag[0]):
+        raise call.fail(name, tag[1], arg)
+    return 0
+
+
+_ENUM_TAGS: dict[str, tuple[type, str]] = {
+    "ScalarTypeType": (s.DType, "a dtype tag from the fixed table"),
+    "LayoutType": (s.Layout, "a layout tag"),
+    "MemoryFormatType": (s.MemoryFormat, "a memory_format tag"),
+    "DeviceObjType": (s.Device, "the device tag (the worker's own device; a program cannot name one)"),
+}
+
+
+def _check_list(call: _Call, name: str, elem: Any, arg: s.Arg, n: int | None) -> int:
+    tensors = elem.kind() == "TensorType" or (
+        elem.kind() == "OptionalType" and elem.getElementType().kind() == "TensorType"
+    )
+    if tensors:
+        if isinstance(arg, s.Ref):
+            _expect_ref(call, name, arg, (TENSORS, SEQ, ANY), "a list of tensors")
+            return 0
+        if not isinstance(arg, s.List):
+            raise call.fail(name, "a list of tensor references", arg)
+        for item in arg.items:
+            _check(call, name, elem, item, None)
+        return len(arg.items) // _ITEMS_PER_UNIT
+    if n is not None and _is_int_lit(arg):  # int[2] padding=1: one int for every dim
+        _check(call, name, elem, arg, None)
+        return 0
+    if not isinstance(arg, s.List):
+        raise call.fail(name, "a list of integers", arg)
+    limit = _LIST_LENGTHS.get(name, MAX_INT_LIST)
+    if len(arg.items) > limit:
+        raise call.fail(name, f"a list of at most {limit} integers", arg)
+    for item in arg.items:
+        _check(call, name, elem, item, None)
+    return len(arg.items) // _ITEMS_PER_UNIT
+
+
+def _check_int(call: _Call, name: str, arg: s.Arg, *, symbolic: bool) -> None:
+    if symbolic and isinstance(arg, s.Ref):
+        _expect_ref(call, name, arg, (INT, ANY), "an integer or a reference to a size")
+        return
+    if not _is_int_lit(arg):
+        raise call.fail(name, "an integer literal" + (" or a reference to a size" if symbolic else ""), arg)
+    _int_in(call, name, arg, _INT_RANGES.get(name, INT64))
+
+
+def _check_scalar(call: _Call, name: str, arg: s.Arg, expected: str = "a number or a reference to a size") -> None:
+    if isinstance(arg, s.Ref):
+        _expect_ref(call, name, arg, (INT, ANY), expected)
+    elif not (isinstance(arg, s.Float) or (isinstance(arg, s.Lit) and isinstance(arg.value, int))):
+        raise call.fail(name, expected, arg)
+    _int_in(call, name, arg, INT64)
+
+
+def _int_in(call: _Call, name: str, arg: s.Arg, bounds: tuple[int, int]) -> None:
+    if _is_int_lit(arg) and not bounds[0] <= arg.value <= bounds[1]:  # type: ignore[union-attr, operator]
+        raise call.fail(name, f"an integer in [{bounds[0]}, {bounds[1]}]", arg)
+
+
+def _expect_ref(call: _Call, name: str, arg: s.Arg, kinds: tuple[Kind, ...], expected: str) -> None:
+    if not (isinstance(arg, s.Ref) and call.kinds.get(arg.node) in kinds):
+        raise call.fail(name, expected, arg)
+
+
+def _check_py(call: _Call) -> Checked:
+    """operator.getitem on an op's outputs, and add/mul/floordiv of sizes (see PY_OPS)."""
+    node = call.node
+    if node.kwargs or len(node.args) != 2:
+        raise IRError(f"node {node.name}: {node.target} takes exactly two positional arguments")
+    a, b = node.args
+    if node.target == "operator.getitem":
+        _expect_ref(call, "a", a, (TENSORS, SEQ, ANY), "a reference to an op's list of outputs")
+        if not _is_int_lit(b):
+            raise call.fail("b", "an integer literal", b)
+        _int_in(call, "b", b, (-MAX_OUTPUTS, MAX_OUTPUTS - 1))
+        return Checked(TENSOR if call.kinds[a.node] == TENSORS else ANY, 1, False)  # type: ignore[union-attr]
+    for arg_name, arg in (("a", a), ("b", b)):
+        if isinstance(arg, s.Ref):
+            if node.target == "operator.floordiv" and arg_name == "b":
+                raise call.fail("b", "an integer literal (a size may only be divided by a constant)", arg)
+            _expect_ref(call, arg_name, arg, (INT, ANY), "a reference to a size")
+        elif _is_int_lit(arg):
+            low = 1 if node.target == "operator.floordiv" and arg_name == "b" else _PY_LITERAL[0]
+            _int_in(call, arg_name, arg, (low, _PY_LITERAL[1]))
+        else:
+            raise call.fail(arg_name, "an integer literal or a reference to a size", arg)
+    return Checked(INT, 1, False)
+
+
+def _is_none(arg: s.Arg) -> bool:
+    return isinstance(arg, s.Lit) and arg.value is None
+
+
+def _is_int_lit(arg: s.Arg) -> bool:
+    return isinstance(arg, s.Lit) and isinstance(arg.value, int) and not isinstance(arg.value, bool)
+
+
+def _describe(arg: s.Arg, kinds: Mapping[str, Kind]) -> str:
+    if isinstance(arg, s.Ref):
+        return f"a reference to {arg.node} (a value of kind {kinds.get(arg.node, 'unknown')})"
+    if isinstance(arg, s.Lit):
+        return f"the literal {arg.value!r}"[:80]
+    if isinstance(arg, s.List):
+        return f"a list of {len(arg.items)} items"
+    return f"a {type(arg).__name__} tag"
