@@ -33,7 +33,7 @@ from tensorlink.transport.keys import (
     check_reply,
     seal_hello,
 )
-from tensorlink.transport.service import MAX_HELLO_FAILURES, ChannelService
+from tensorlink.transport.service import MAX_HELLO_FAILURES, SETUPS_PER_PEER, ChannelService
 from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect
 
 JOB = job_id(4)
@@ -286,3 +286,27 @@ async def test_opening_to_an_unreachable_peer_says_how_to_fix_it(channel_mesh: M
         stranger = "12D3KooWRBhwfeP2Y4TCx1SM6s8rWoNSxcbU1ACxvVGpVgWpLgvm"
         with trio.fail_after(30), pytest.raises(ChannelError, match="connect to it first"):
             await mesh.nodes[0].service.open(stranger, JOB)
+
+
+async def test_stalled_set_ups_of_one_peer_do_not_refuse_the_others(channel_mesh: MeshFactory) -> None:
+    """A peer that starts set-ups and never finishes them holds at most SETUPS_PER_PEER of the node's set-up
+    slots: its next open is refused saying so, another peer's channel opens at once meanwhile, and the
+    stalled set-ups end at the set-up timeout, after which the first peer can open again."""
+    configs = [config_for("direct"), config_for("direct", setup_timeout_s=2.0), config_for("direct")]
+    async with channel_mesh(3, configs=configs) as mesh:
+        with trio.fail_after(30):
+            attacker, victim = mesh.nodes[0], mesh.nodes[1]
+            stalled = [await offer_by_hand(mesh, 0, 1, job_id(20, i)) for i in range(SETUPS_PER_PEER)]
+            with pytest.raises(ChannelRefused, match=f"already holds {SETUPS_PER_PEER} streams of {PROTOCOL}.*busy"):
+                await attacker.service.open(victim.peer_id, LEGIT_JOB)
+            started = trio.current_time()
+            a, b = await mesh.pair(2, 1, LEGIT_JOB)
+            assert trio.current_time() - started < 2.0
+            got, _ = await exchange(a, b, torch.arange(4.0))
+            assert torch.equal(got, torch.arange(4.0))
+            await trio.sleep(2.5)  # the set-up timeout of the victim ends the stalled set-ups
+            for offer in stalled:
+                assert offer.keys.channel_id not in victim.service._pending
+                await close_stream(offer.stream)
+            mine, _ = await mesh.pair(0, 1, job_id(21))
+            assert mine.kind == "direct"

@@ -28,6 +28,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
+from tensorlink.p2p.streams import awaiting_first_record, write_record
+
 log = logging.getLogger(__name__)
 
 # Sized for a TensorLink swarm, not for the public IPFS network the defaults assume. The AutoConnector
@@ -145,31 +147,80 @@ def make_host(
     )
 
 
-def serve_protocol(host: IHost, protocol: str, handler: Callable[[Any], Awaitable[None]], *, limit: int = 16) -> None:
-    """Register a stream handler that can never take the node down.
+FIRST_MESSAGE_S = 5.0  # honest openers write their first message at once; measured in tests/node/test_protocol_slots.py
+PER_PEER = 4  # streams of one protocol one peer may hold at once
+
+
+def serve_protocol(
+    host: IHost,
+    protocol: str,
+    handler: Callable[[Any], Awaitable[None]],
+    *,
+    limit: int = 16,
+    per_peer: int = PER_PEER,
+    first_message_s: float = FIRST_MESSAGE_S,
+    refuse: Callable[[str, str], bytes] | None = None,
+) -> None:
+    """Register a stream handler that can never take the node down, nor be starved by one peer.
 
     In py-libp2p 0.8.1 an exception escaping a stream handler propagates into the Swarm and stops it,
     so one malformed stream from one peer would kill the node. Here every exception is logged and the
-    stream reset; at most ``limit`` streams of the protocol are handled at once (the rest are reset),
-    so a flood cannot exhaust the node.
+    stream reset. At most ``limit`` streams of the protocol are handled at once, at most ``per_peer`` of
+    them from one peer, and a stream whose first message (read with ``read_record``) has not arrived
+    within ``first_message_s`` is ended, so idle streams cannot hold the slots honest peers need.
+    A refused stream gets ``refuse(code, reason)`` (a record of the protocol's own error message) when given.
     """
     slots = trio.Semaphore(limit)
+    held: dict[str, int] = {}
 
     async def guarded(stream: Any) -> None:
-        if slots.value == 0:
-            log.debug("%s: too many concurrent streams, resetting one from %s", protocol, _remote(stream))
-            await reset_stream(stream)
+        peer = _remote(stream)
+        if held.get(peer, 0) >= per_peer:
+            await _refuse(stream, refuse, "busy", f"peer {peer} already holds {per_peer} streams of {protocol}")
             return
-        async with slots:
+        if slots.value == 0:
+            await _refuse(stream, refuse, "busy", f"all {limit} streams of {protocol} here are busy; try again later")
+            return
+        held[peer] = held.get(peer, 0) + 1
+        try:
+            async with slots:
+                await _handle(stream, peer)
+        finally:
+            held[peer] -= 1
+            if not held[peer]:
+                del held[peer]
+
+    async def _handle(stream: Any, peer: str) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + first_message_s) as waiting:
             try:
-                await handler(stream)
+                with awaiting_first_record(stream, waiting):
+                    await handler(stream)
             except trio.Cancelled:
                 raise
             except Exception as exc:
-                log.info("%s: dropped a stream from %s: %s", protocol, _remote(stream), exc)
+                log.info("%s: dropped a stream from %s: %s", protocol, peer, exc)
                 await reset_stream(stream)
+        if waiting.cancelled_caught:
+            log.info("%s: no first message from %s within %.1f s; stream closed", protocol, peer, first_message_s)
+            await _refuse(stream, refuse, "too_slow", f"no first message within {first_message_s:.1f} s on {protocol}")
 
     host.set_stream_handler(TProtocol(protocol), guarded)
+
+
+async def _refuse(stream: Any, refuse: Callable[[str, str], bytes] | None, code: str, reason: str) -> None:
+    """Tell the peer why (when the protocol has an error message), then reset; at most ~2 s. Yamux drops
+    what a stream buffered when a reset arrives, so the reset waits for the peer to read and close."""
+    log.debug("refused a stream from %s: %s", _remote(stream), reason)
+    if refuse is not None:
+        with trio.move_on_after(1.0):
+            try:
+                await write_record(stream, refuse(code, reason))
+                await stream.close()
+                while await stream.read(4096):
+                    pass
+            except Exception:
+                pass
+    await reset_stream(stream)
 
 
 def _remote(stream: Any) -> str:

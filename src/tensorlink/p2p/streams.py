@@ -5,6 +5,10 @@ reads with the same caps and fails with the same StreamError."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import trio
@@ -17,6 +21,21 @@ from tensorlink.wire.messages import MAX_MESSAGE_BYTES, Message, decode_message,
 
 class StreamError(Exception):
     """The stream ended early, announced an oversized message or sent one of the wrong kind."""
+
+
+# The stream a handler serves and the deadline its first message must meet (serve_protocol sets both).
+_first_record: ContextVar[tuple[Any, trio.CancelScope] | None] = ContextVar("first_record", default=None)
+
+
+@contextmanager
+def awaiting_first_record(stream: Any, deadline: trio.CancelScope) -> Iterator[None]:
+    """While inside, the first whole record read from ``stream`` (by ``read_record``) lifts ``deadline``:
+    a served stream must say something soon, and may then wait as long as its protocol allows."""
+    token = _first_record.set((stream, deadline))
+    try:
+        yield
+    finally:
+        _first_record.reset(token)
 
 
 async def write_message(stream: Any, msg: Message) -> None:
@@ -32,7 +51,11 @@ async def read_record(stream: Any, max_bytes: int) -> bytes:
     size = int.from_bytes(await read_exactly(stream, 4), "big")
     if size > max_bytes:
         raise StreamError(f"message of {size} bytes announced, more than {max_bytes}")
-    return await read_exactly(stream, size)
+    data = await read_exactly(stream, size)
+    waiting = _first_record.get()
+    if waiting is not None and waiting[0] is stream:
+        waiting[1].deadline = math.inf
+    return data
 
 
 async def read_exactly(stream: Any, n: int) -> bytes:

@@ -60,7 +60,7 @@ from tensorlink.transport.keys import (
 )
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.limits import MAX_FRAME_PAYLOAD
-from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect, Cipher, ErrorReply
+from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect, Cipher, ErrorReply, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ NO_JOB = bytes(16)
 MAX_HELLO_FAILURES = 3
 MAX_UNVERIFIED = 64  # TCP connections on the data port that have not sent a valid hello yet
 CLOSED_KEPT_S = 60.0  # closed channels stay in the status this long, so the reason can be read
+SETUPS_PER_PEER = 4  # channel set-ups one peer may have in progress here at once
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class ChannelService:
         # TCP connections that have not proven a channel yet; past the cap the oldest is dropped, so idle
         # connections cannot hold every slot and push real channels onto the slow fallback.
         self._unverified: dict[trio.SocketStream, trio.CancelScope] = {}
+        # Set-ups this node runs to each peer; past SETUPS_PER_PEER the peer would refuse them, so they queue.
+        self._setups: dict[str, trio.Semaphore] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -151,7 +154,7 @@ class ChannelService:
                 self.data_port = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(trio.serve_listeners, self._on_tcp, listeners)
                 log.info("data plane listening on %s:%d", self.config.listen_ip, self.data_port)
-            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=32)
+            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER, refuse=_refusal)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -194,6 +197,15 @@ class ChannelService:
         offers it and the connection to it is direct, else the libp2p stream."""
         if self._nursery is None:
             raise RuntimeError("start ChannelService.serve in a nursery before opening channels")
+        setups = self._setups.setdefault(peer, trio.Semaphore(SETUPS_PER_PEER))
+        try:
+            async with setups:
+                return await self._open(peer, job)
+        finally:
+            if setups.value == SETUPS_PER_PEER:
+                self._setups.pop(peer, None)
+
+    async def _open(self, peer: str, job: bytes) -> Channel:
         try:
             with trio.fail_after(self.config.setup_timeout_s):
                 stream = await open_stream(self.host, peer, PROTOCOL)
@@ -398,6 +410,11 @@ class ChannelService:
         self._prune()
         self._channels.append(channel)
         return channel
+
+
+def _refusal(code: str, reason: str) -> bytes:
+    """serve_protocol's refusal of a set-up stream, as the opener's ChannelService reads it."""
+    return encode_message(ErrorReply(code=code, message=reason[:1024]))
 
 
 async def _receive_exactly(tcp: trio.SocketStream, n: int) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from tensorlink.p2p.host import serve_protocol
-from tensorlink.p2p.streams import StreamError, read_record, remote_peer, write_record
+from tensorlink.p2p.streams import StreamError, close_stream, read_record, remote_peer, write_record
 from tensorlink.pipeline.links import Audit, ChannelLink, Lane, Link, LinkClosed
 from tensorlink.transport import Channel, ChannelError, ChannelService
 from tensorlink.wire.errors import WireError
@@ -44,6 +44,7 @@ from tensorlink.worker.runtime import StageError, StageRuntime
 log = logging.getLogger(__name__)
 PROTOCOL = "/tensorlink/stage/1.0.0"
 CHANNEL_WAIT_S = 60.0
+STAGES_PER_PEER = 8  # stage streams one owner may hold here at once (one per stage of its jobs)
 
 
 async def send_stage(stream: Any, msg: StageMessage) -> None:
@@ -52,6 +53,11 @@ async def send_stage(stream: Any, msg: StageMessage) -> None:
 
 async def recv_stage(stream: Any) -> StageMessage:
     return decode_stage(await read_record(stream, MAX_STAGE_MESSAGE))
+
+
+def _refusal(code: str, reason: str) -> bytes:
+    """serve_protocol's refusal of a stage stream, as the owner's Job reads it."""
+    return encode_stage(Failed(code=code, message=reason))
 
 
 def describe(exc: BaseException) -> str:
@@ -196,7 +202,7 @@ class StageHost:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=64)
+            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=64, per_peer=STAGES_PER_PEER, refuse=_refusal)
             nursery.start_soon(self._accept_channels)
             task_status.started()
             await trio.sleep_forever()
@@ -242,6 +248,7 @@ class StageHost:
         assign = self.assignments.get(opening.job)
         if assign is None or assign.owner != peer or assign.stage != opening.stage:
             await send_stage(stream, Failed(code="not_assigned", message="this worker holds no such stage for you"))
+            await close_stream(stream)
             return
         session = self._session(opening.job)
         assert session is not None
@@ -253,6 +260,7 @@ class StageHost:
         except (ChannelError, trio.TooSlowError) as exc:
             what = ", ".join(session.missing()) or "next"
             await send_stage(stream, Failed(code="no_channel", message=f"no data-plane channel to the {what}: {exc}"))
+            await close_stream(stream)
             return
         log.info("job %s: stage %d of %d ready for %s", opening.job.hex()[:8], assign.stage, assign.n_stages, peer)
         await send_stage(stream, Done())
