@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from safetensors.torch import load as read_safetensors  # the safetensors format: no pickle, no code
 
+from tensorlink.ir import memory
 from tensorlink.ir import schema as s
-from tensorlink.ir.argcheck import ANY, MAX_COST, SEQ, TENSOR, Kind, bounded, check_call
 from tensorlink.ir.errors import IRError
 from tensorlink.ir.ops import (
     ATEN_OPS,
+    LITERAL_SECOND_ARG,
     MODE_DEPENDENT,
     OPS_VERSION,
     PY_OPS,
@@ -70,16 +71,12 @@ class _Step:
 
 
 class _Graph:
-    """A validated graph: placeholders, steps in order, outputs, when each value can be dropped, and what one
-    run of it costs the dry run (tensorlink.ir.argcheck)."""
+    """A validated graph: placeholders, steps in order, outputs, and when each value can be dropped."""
 
     def __init__(self, graph: s.Graph, subgraphs: dict[str, _Graph] | None, known_state: set[str], n_inputs: int):
         self.placeholders = graph.placeholders
         buffers = {p.name for p in graph.placeholders if p.kind == "buffer"}
         defined: set[str] = set()
-        # the kind of every value so far; a grad region's inputs (subgraphs is None) may be sizes as well as tensors
-        kinds: dict[str, Kind] = {}
-        self.cost = 0
         for p in graph.placeholders:
             if p.name in defined:
                 raise IRError(f"placeholder {p.name} is defined twice")
@@ -89,7 +86,6 @@ class _Graph:
             elif p.target not in known_state:
                 raise IRError(f"placeholder {p.name} refers to state {p.target!r}, which the weights do not hold")
             defined.add(p.name)
-            kinds[p.name] = ANY if p.kind == "input" and subgraphs is None else TENSOR
         self.steps: list[_Step] = []
         for node in graph.nodes:
             if node.name in defined:
@@ -106,22 +102,17 @@ class _Graph:
                 if not step.args or step.args[0][0] != "c" or not isinstance(step.args[0][1], bool):
                     raise IRError(f"node {node.name}: a grad region starts with a literal true or false")
                 step.subgraph = subgraphs[node.subgraph]
-                kinds[node.name] = SEQ
-                self.cost += 1 + step.subgraph.cost
             elif node.target in ATEN_OPS or node.target in PY_OPS:
                 try:
-                    step.fn = bounded(node.target, resolve(node.target))
+                    step.fn = resolve(node.target)
                 except (AttributeError, TypeError, ValueError) as exc:
                     raise IRError(f"node {node.name}: {node.target} does not resolve in this torch ({exc})") from None
-                checked = check_call(node, kinds)
-                kinds[node.name] = checked.kind
-                self.cost += checked.cost
-                if checked.force_device:  # creation ops: never a device the program chose, nor torch's default
-                    step.kwargs["device"] = ("d", None)
                 if node.target in MODE_DEPENDENT:
                     pos, kw = MODE_DEPENDENT[node.target]
                     captured = _const_at(step, pos, kw)
                     step.mode = (pos, kw, captured)
+                if node.target in LITERAL_SECOND_ARG and (len(step.args) != 2 or step.args[1][0] != "c"):
+                    raise IRError(f"node {node.name}: {node.target} must divide by a literal")
                 op_name = node.target.split(".")[1]
                 if op_name.endswith("_") and step.args and step.args[0][0] == "r":
                     step.train_only = step.args[0][1] in buffers
@@ -233,16 +224,8 @@ class StageModule(torch.nn.Module):
                 if isinstance(dim, str) and dim not in p.signature.symbols:
                     raise IRError(f"input dimension {dim!r} has no declared range")
         known = set(declared)
-        n_nodes = len(p.graph.nodes) + sum(len(g.nodes) for g in p.subgraphs.values())
-        if n_nodes > s.MAX_NODES:
-            raise IRError(f"the program has {n_nodes} nodes in all its graphs; the cap is {s.MAX_NODES}")
         subgraphs = {name: _Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
         self._graph = _Graph(p.graph, subgraphs, known, n_inputs)
-        if self._graph.cost > MAX_COST:
-            raise IRError(
-                f"validating this program would cost {self._graph.cost} units of dry run (grad regions counted each "
-                f"time they run); the cap is {MAX_COST}: split the model into more stages"
-            )
         for node_name, buffer in p.buffer_mutations.items():
             if buffer not in p.buffers or node_name not in {step.name for step in self._graph.steps}:
                 raise IRError(f"buffer mutation {node_name} -> {buffer} names an unknown node or buffer")
@@ -304,6 +287,7 @@ class StageModule(torch.nn.Module):
             )
         inputs = [*args, *(kwargs[k] for k in sig.keywords)]
         self._check_inputs(inputs)
+        self._shape_guard.check([list(t.shape) for t in inputs])
         state = {name: self._live_state(name) for name in self._state}
         results = self._run(self._graph, inputs, state, self._device, self.training)
         outputs, env = results
@@ -375,45 +359,38 @@ class StageModule(torch.nn.Module):
         return [_ev(a, env, device) for a in graph.outputs], env
 
     def _dry_run(self, tensors: dict[str, torch.Tensor], max_memory_bytes: int) -> None:
-        """Run the graph on the meta device at the declared maximum shapes, in training mode, and add up
-        every tensor any node produces (grad regions included): an upper bound on one forward pass,
-        known before anything real is allocated."""
+        """Count what one forward allocates on the meta device (tensorlink.ir.memory: every storage the aten
+        calls create, kernels' workspace, grad regions included) at every corner of the declared input ranges,
+        before anything real is allocated. The largest count is ``memory_bound``; ``_shape_guard`` refuses a
+        later forward at shapes that need more (sizes need not grow with the inputs)."""
         sig = self._program.signature
         meta = torch.device("meta")
-        try:
-            state = {k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in tensors.items()}
-            inputs = [
-                torch.empty(
-                    [d if isinstance(d, int) else sig.symbols[d][1] for d in spec.shape],
-                    dtype=_DTYPES[spec.dtype],
-                    device=meta,
-                )
-                for spec in sig.inputs
-            ]
-        except (RuntimeError, ValueError, OverflowError) as exc:
-            raise IRError(f"dry run: the declared maximum input shapes cannot be allocated: {exc}") from None
-        total = 0
+        state = {k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in tensors.items()}
 
-        def count(name: str, value: Any) -> None:
-            nonlocal total
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif isinstance(value, list | tuple):
-                for v in value:
-                    count(name, v)
-            if total > max_memory_bytes:
-                raise IRError(
-                    f"dry run at the declared maximum shapes needs more than {max_memory_bytes / 2**30:.2f} GiB "
-                    f"by node {name} ({total / 2**30:.2f} GiB so far): refused"
-                )
+        def count_at(shapes: list[list[int]], limit: int) -> int:
+            dtypes = [_DTYPES[spec.dtype] for spec in sig.inputs]
+            inputs = [torch.empty(s, dtype=d, device=meta) for s, d in zip(shapes, dtypes, strict=True)]
+            mode = self._program.captured_train
+            return memory.count(lambda: self._run(self._graph, inputs, state, meta, mode), limit)
 
-        with torch.no_grad():
+        bound = 0
+        for i, point in enumerate(memory.corners(sig.symbols)):
+            shapes = [[d if isinstance(d, int) else point[d] for d in spec.shape] for spec in sig.inputs]
             try:
-                self._run(self._graph, inputs, state, meta, self._program.captured_train, count)
+                bound = max(bound, count_at(shapes, max_memory_bytes))
+            except memory.OverBound as exc:
+                raise IRError(
+                    f"dry run at input shapes {shapes} needs more than {max_memory_bytes / 2**30:.2f} GiB "
+                    f"({exc}): refused"
+                ) from None
             except IRError as exc:
-                raise IRError(f"dry run: {exc}") from None
+                if i == 0:  # at the declared maximum shapes the program must run; elsewhere it may fail (and stop)
+                    raise IRError(f"dry run: {exc}") from None
             except Exception as exc:
-                raise IRError(f"dry run failed: {type(exc).__name__}: {exc}") from None
+                if i == 0:
+                    raise IRError(f"dry run failed: {type(exc).__name__}: {exc}") from None
+        self.memory_bound = bound
+        self._shape_guard = memory.ShapeGuard(bound, count_at)
 
 
 def _apply_mode(step: _Step, args: list[Any], kwargs: dict[str, Any], training: bool) -> None:
