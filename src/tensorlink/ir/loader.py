@@ -18,10 +18,10 @@ from safetensors.torch import load as read_safetensors  # the safetensors format
 
 from tensorlink.ir import memory
 from tensorlink.ir import schema as s
+from tensorlink.ir.argcheck import ANY, MAX_COST, SEQ, TENSOR, Kind, bounded, check_call
 from tensorlink.ir.errors import IRError
 from tensorlink.ir.ops import (
     ATEN_OPS,
-    LITERAL_SECOND_ARG,
     MODE_DEPENDENT,
     OPS_VERSION,
     PY_OPS,
@@ -71,12 +71,16 @@ class _Step:
 
 
 class _Graph:
-    """A validated graph: placeholders, steps in order, outputs, and when each value can be dropped."""
+    """A validated graph: placeholders, steps in order, outputs, when each value can be dropped, and what one
+    run of it costs the dry run (tensorlink.ir.argcheck)."""
 
     def __init__(self, graph: s.Graph, subgraphs: dict[str, _Graph] | None, known_state: set[str], n_inputs: int):
         self.placeholders = graph.placeholders
         buffers = {p.name for p in graph.placeholders if p.kind == "buffer"}
         defined: set[str] = set()
+        # the kind of every value so far; a grad region's inputs (subgraphs is None) may be sizes as well as tensors
+        kinds: dict[str, Kind] = {}
+        self.cost = 0
         for p in graph.placeholders:
             if p.name in defined:
                 raise IRError(f"placeholder {p.name} is defined twice")
@@ -86,6 +90,7 @@ class _Graph:
             elif p.target not in known_state:
                 raise IRError(f"placeholder {p.name} refers to state {p.target!r}, which the weights do not hold")
             defined.add(p.name)
+            kinds[p.name] = ANY if p.kind == "input" and subgraphs is None else TENSOR
         self.steps: list[_Step] = []
         for node in graph.nodes:
             if node.name in defined:
@@ -102,17 +107,22 @@ class _Graph:
                 if not step.args or step.args[0][0] != "c" or not isinstance(step.args[0][1], bool):
                     raise IRError(f"node {node.name}: a grad region starts with a literal true or false")
                 step.subgraph = subgraphs[node.subgraph]
+                kinds[node.name] = SEQ
+                self.cost += 1 + step.subgraph.cost
             elif node.target in ATEN_OPS or node.target in PY_OPS:
                 try:
-                    step.fn = resolve(node.target)
+                    step.fn = bounded(node.target, resolve(node.target))
                 except (AttributeError, TypeError, ValueError) as exc:
                     raise IRError(f"node {node.name}: {node.target} does not resolve in this torch ({exc})") from None
+                checked = check_call(node, kinds)
+                kinds[node.name] = checked.kind
+                self.cost += checked.cost
+                if checked.force_device:  # creation ops: never a device the program chose, nor torch's default
+                    step.kwargs["device"] = ("d", None)
                 if node.target in MODE_DEPENDENT:
                     pos, kw = MODE_DEPENDENT[node.target]
                     captured = _const_at(step, pos, kw)
                     step.mode = (pos, kw, captured)
-                if node.target in LITERAL_SECOND_ARG and (len(step.args) != 2 or step.args[1][0] != "c"):
-                    raise IRError(f"node {node.name}: {node.target} must divide by a literal")
                 op_name = node.target.split(".")[1]
                 if op_name.endswith("_") and step.args and step.args[0][0] == "r":
                     step.train_only = step.args[0][1] in buffers
@@ -224,8 +234,16 @@ class StageModule(torch.nn.Module):
                 if isinstance(dim, str) and dim not in p.signature.symbols:
                     raise IRError(f"input dimension {dim!r} has no declared range")
         known = set(declared)
+        n_nodes = len(p.graph.nodes) + sum(len(g.nodes) for g in p.subgraphs.values())
+        if n_nodes > s.MAX_NODES:
+            raise IRError(f"the program has {n_nodes} nodes in all its graphs; the cap is {s.MAX_NODES}")
         subgraphs = {name: _Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
         self._graph = _Graph(p.graph, subgraphs, known, n_inputs)
+        if self._graph.cost > MAX_COST:
+            raise IRError(
+                f"validating this program would cost {self._graph.cost} units of dry run (grad regions counted each "
+                f"time they run); the cap is {MAX_COST}: split the model into more stages"
+            )
         for node_name, buffer in p.buffer_mutations.items():
             if buffer not in p.buffers or node_name not in {step.name for step in self._graph.steps}:
                 raise IRError(f"buffer mutation {node_name} -> {buffer} names an unknown node or buffer")
