@@ -397,7 +397,7 @@ class StageModule(torch.nn.Module):
             try:
                 bound = max(bound, count_at(shapes, max_memory_bytes))
             except memory.OverBound as exc:
-                raise IRError(
+                raise memory.OverBound(
                     f"dry run at input shapes {shapes} needs more than {max_memory_bytes / 2**30:.2f} GiB "
                     f"({exc}): refused"
                 ) from None
@@ -409,6 +409,7 @@ class StageModule(torch.nn.Module):
                     raise IRError(f"dry run failed: {type(exc).__name__}: {exc}") from None
         self.memory_bound = bound
         self._shape_guard = memory.ShapeGuard(bound, count_at)
+        self.memory_at = self._shape_guard.check  # bytes a forward at given input shapes allocates; IRError past bound
 
 
 def _apply_mode(step: _Step, args: list[Any], kwargs: dict[str, Any], training: bool) -> None:

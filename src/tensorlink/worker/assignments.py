@@ -146,6 +146,21 @@ class Assignments:
             log.info("job %s claimed %.2f s after its assignment", job.hex(), self._clock() - entry.accepted)
         return entry.assign
 
+    def unreserved_bytes(self) -> int:
+        return max(0, self.capacity_bytes - self.reserved_bytes())
+
+    def grow(self, job: bytes, memory_bytes: int) -> int:
+        """Raise the job's reservation to ``memory_bytes`` where the worker has that much unreserved (its
+        program needs more than was declared); the reservation after, 0 if the job is not here."""
+        entry = self._entries.get(job)
+        if entry is None:
+            return 0
+        if 0 < memory_bytes - entry.assign.memory_bytes <= self.unreserved_bytes():
+            log.info("job %s: reservation grown from %d to %d bytes", job.hex(), entry.assign.memory_bytes,
+                     memory_bytes)  # fmt: skip
+            entry.assign = msgspec.structs.replace(entry.assign, memory_bytes=memory_bytes)
+        return entry.assign.memory_bytes
+
     def release(self, job: bytes) -> None:
         """Forget the job's stage and free its memory; nothing happens if it is not here."""
         if self._entries.pop(job, None) is not None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import trio
 
 from tensorlink.ir import StageModule, load
+from tensorlink.ir.memory import OverBound
 from tensorlink.pipeline.links import NONE_MARKER, Lane, Link, from_marker
 from tensorlink.pipeline.schedule import actions
 from tensorlink.wire.stage import InputSlot, OutputSlot, RunBackward, RunStep
@@ -43,6 +44,49 @@ HYPER_KEYS = frozenset(
     {"lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
      "maximize", "lr_decay", "initial_accumulator_value", "rho", "momentum_decay", "decoupled_weight_decay"}
 )  # fmt: skip
+
+
+# Per-parameter bookkeeping an optimizer keeps besides its state copies (a 0-dim ``step`` tensor and its header).
+STEP_BYTES = 64
+
+
+def optimizer_copies(name: str, hyper: dict[str, Any]) -> int:
+    """How many parameter-sized tensors the allow-listed optimizer ``name`` keeps per parameter with ``hyper``."""
+    if name == "SGD":
+        return 1 if hyper.get("momentum", 0) else 0
+    if name in ("Adam", "AdamW"):
+        return 3 if hyper.get("amsgrad") else 2
+    if name == "RMSprop":
+        return 1 + bool(hyper.get("momentum", 0)) + bool(hyper.get("centered"))
+    return {"Adagrad": 1, "Adadelta": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2}[name]
+
+
+class Reservation(Protocol):
+    """The memory a stage holds on its worker: ``held()`` now; ``grow(needed)`` raises it to ``needed`` where
+    the worker still has that much unreserved and returns what is held after; ``ceiling()`` is the most it
+    could reach now."""
+
+    def held(self) -> int: ...
+
+    def grow(self, needed: int) -> int: ...
+
+    def ceiling(self) -> int: ...
+
+
+@dataclass
+class FixedReservation:
+    """A reservation that never grows (a runtime outside a worker's registry, tests)."""
+
+    size: int
+
+    def held(self) -> int:
+        return self.size
+
+    def grow(self, needed: int) -> int:
+        return self.size
+
+    def ceiling(self) -> int:
+        return self.size
 
 
 class StageError(Exception):
@@ -98,17 +142,19 @@ class StageRuntime:
         links: dict[str, Link],
         *,
         device: str = "cpu",
-        max_memory_bytes: int = 8 << 30,
+        reservation: Reservation | None = None,
     ) -> None:
         self.job = job
         self.stage = stage
         self.n_stages = n_stages
         self.links = links
         self.device = torch.device(device)
-        self.max_memory_bytes = max_memory_bytes
+        self.reservation: Reservation = reservation or FixedReservation(8 << 30)
         self.programs: dict[str, LoadedProgram] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_copies = 0
         self.stash: dict[tuple[int, int], tuple[list[torch.Tensor], list[Any]]] = {}
+        self.stash_bytes: dict[tuple[int, int], int] = {}  # what each kept micro-batch is charged (see _forward)
         self.fused: FusedGrads | None = None
         self.steps_run = 0
         self._sends: trio.Nursery | None = None
@@ -128,11 +174,66 @@ class StageRuntime:
         """Validate and build a stage program (IR load: no user code). A second program takes the first
         one's live parameters (and buffers of the same name) by name, its names being the training
         program's with ``prefix``, so generation sees the trained weights; its own buffers (a KV cache)
-        stay its own."""
-        module = load(data, device=self.device, train=key == "train", max_memory_bytes=self.max_memory_bytes)
+        stay its own. The program's weights and its memory bound must fit this stage's reservation with
+        everything else the stage holds (``needed``); its dry run may use what the reservation could grow to."""
+        held, ceiling = self.needed(without=key), self.reservation.ceiling()
+        if held + len(data) > ceiling:  # refused before parsing; the reservation grows only for a program that loads
+            raise StageError(
+                "over_reservation",
+                f"the {key} program's {len(data)} bytes would bring this stage to {held + len(data)} bytes (it holds "
+                f"{held} already), over the {ceiling} bytes its reservation could grow to on this worker",
+            )
+        try:
+            module = load(data, device=self.device, train=key == "train", max_memory_bytes=ceiling - held)
+        except OverBound as exc:
+            raise StageError(
+                "over_reservation", f"the {key} program does not fit this stage's reservation: {exc}"
+            ) from None
         if key != "train" and "train" in self.programs:
             _share_state(self.programs["train"].module, module, prefix)
+        previous = self.programs.get(key)
         self.programs[key] = LoadedProgram(module, inputs, outputs)
+        try:
+            self._require(self.needed(), f"the {key} program (weights, gradients, optimizer state, activations)")
+        except StageError:
+            if previous is None:
+                del self.programs[key]
+            else:
+                self.programs[key] = previous
+            raise
+
+    # -- memory: everything the stage holds counts against its reservation ---------------------------------
+
+    def needed(self, *, without: str | None = None, copies: int | None = None, reserve: bool = True) -> int:
+        """Bytes this stage needs with its programs (less ``without``): their weights and buffers (shared ones
+        once), gradients and ``copies`` (default: the optimizer's) optimizer copies of the training parameters,
+        what is charged for kept micro-batches, and with ``reserve`` room for one forward at the declared maximum
+        shapes (the largest program's memory bound; twice for training: each value's gradient is its size)."""
+        programs = {k: p.module for k, p in self.programs.items() if k != without}
+        storages: dict[int, int] = {}
+        for module in programs.values():
+            for t in [*module.parameters(), *module.buffers()]:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        params = list(programs["train"].parameters()) if "train" in programs else []
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        copies = self.optimizer_copies if copies is None else copies
+        optimizer = copies * param_bytes + (STEP_BYTES * len(params) if copies else 0)
+        activations = max((m.memory_bound * (2 if k == "train" else 1) for k, m in programs.items()), default=0)
+        activations = activations if reserve else 0
+        return sum(storages.values()) + param_bytes + optimizer + activations + sum(self.stash_bytes.values())
+
+    def _require(self, needed: int, what: str) -> None:
+        """Grow the reservation to ``needed`` where the worker has room (all or nothing), else refuse with
+        over_reservation."""
+        reserved = self.reservation.held()
+        if needed > reserved:
+            reserved = self.reservation.grow(needed)
+        if needed > reserved:
+            raise StageError(
+                "over_reservation",
+                f"{what} would bring this stage to {needed} bytes, over its reservation of {reserved} bytes, and the "
+                "worker has no room to grow it",
+            )
 
     def state_tensors(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
         state = self.train_module.state_dict(keep_vars=False)
@@ -166,10 +267,13 @@ class StageRuntime:
     def make_optimizer(self, name: str, hyper: dict[str, Any]) -> None:
         cls = check_hyper(name, hyper)
         params = list(self.parameters().values())
+        copies = optimizer_copies(name, hyper)
+        self._require(self.needed(copies=copies), f"a {name} optimizer ({copies} copies of the parameters)")
         try:
             self.optimizer = cls(params, **_hyper_values(hyper))
         except (TypeError, ValueError) as exc:
             raise StageError("bad_hyper", f"{name}: {exc}") from None
+        self.optimizer_copies = copies
 
     def optimizer_step(self, hyper: dict[str, Any]) -> None:
         if self.optimizer is None:
@@ -245,6 +349,7 @@ class StageRuntime:
         backward = cmd.backward != "none"
         for key in [k for k in self.stash if k[0] < cmd.step]:
             del self.stash[key]  # a "later" step the owner never back-propagated
+            self.stash_bytes.pop(key, None)
         for link in {id(x): x for x in self.links.values()}.values():
             mailbox = getattr(link, "mailbox", None)
             if mailbox is not None:  # gradients a neighbour sent for outputs that needed none
@@ -296,6 +401,7 @@ class StageRuntime:
             values.append(tensor.to(self.device))
         seed = seed_of(self.job, cmd.step, mb, self.stage)
         module = program.module
+        self._charge(module, values, (cmd.step, mb), keep)
 
         def compute() -> list[Any]:
             torch.manual_seed(seed)
@@ -321,6 +427,7 @@ class StageRuntime:
         if (step, mb) not in self.stash:
             raise StageError("no_activations", f"no activations of step {step}, micro-batch {mb} are kept here")
         values, outputs = self.stash.pop((step, mb))
+        self.stash_bytes.pop((step, mb), None)
         roots, grads = [], []
         for slot, out in zip(program.outputs, outputs, strict=True):
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
@@ -343,6 +450,19 @@ class StageRuntime:
             lane = Lane.BWD if slot.source == "prev" else Lane.USER_GRAD
             grad = value.grad if value.grad is not None else NONE_MARKER
             self._send(slot.source, lane, step, mb, slot.idx, grad)
+
+    def _charge(self, module: StageModule, values: list[torch.Tensor], key: tuple[int, int], keep: bool) -> None:
+        """Refuse a forward that would take the stage past its reservation: what it allocates at these input
+        shapes (counted on meta, IRError past the program's bound), twice when kept for backward (its values
+        stay, and backward makes a gradient of each), plus what is held and the frames buffered on its links."""
+        forward = module.memory_at([list(v.shape) for v in values]) * (2 if keep else 1)
+        buffered = sum(
+            getattr(getattr(link, "mailbox", None), "buffered_bytes", 0)  # links that buffer report their bytes
+            for link in {id(x): x for x in self.links.values()}.values()
+        )
+        self._require(self.needed(reserve=False) + forward + buffered, f"micro-batch {key[1]} of step {key[0]}")
+        if keep:
+            self.stash_bytes[key] = forward
 
     def _send(self, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
         assert self._sends is not None

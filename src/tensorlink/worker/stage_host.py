@@ -39,7 +39,7 @@ from tensorlink.wire.stage import (
     decode_stage,
     encode_stage,
 )
-from tensorlink.worker.runtime import StageError, StageRuntime
+from tensorlink.worker.runtime import Reservation, StageError, StageRuntime
 
 log = logging.getLogger(__name__)
 PROTOCOL = "/tensorlink/stage/1.0.0"
@@ -70,16 +70,36 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class AssignedReservation:
+    """A stage's reservation as the worker's assignments hold it; it grows only into unreserved memory, and
+    never past ``limit`` (the memory the worker offers stages)."""
+
+    def __init__(self, assignments: Any, job: bytes, limit: int) -> None:
+        self.assignments = assignments
+        self.job = job
+        self.limit = limit
+
+    def held(self) -> int:
+        assign = self.assignments.get(self.job)
+        return 0 if assign is None else assign.memory_bytes
+
+    def grow(self, needed: int) -> int:
+        return self.assignments.grow(self.job, min(needed, self.limit))
+
+    def ceiling(self) -> int:
+        return min(self.limit, self.held() + self.assignments.unreserved_bytes())
+
+
 class Session:
     """One job's stage here: its runtime and its links (filled in as channels arrive)."""
 
-    def __init__(self, assign: Any, device: str, max_memory_bytes: int) -> None:
+    def __init__(self, assign: Any, device: str, reservation: Reservation) -> None:
         self.assign = assign
         self.links: dict[str, Link] = {}
         self.by_peer: dict[str, ChannelLink] = {}
         self.changed = trio.Event()
         self.runtime = StageRuntime(
-            assign.job, assign.stage, assign.n_stages, self.links, device=device, max_memory_bytes=max_memory_bytes
+            assign.job, assign.stage, assign.n_stages, self.links, device=device, reservation=reservation
         )
         self.blobs_in = 0  # owner -> worker transfers on the BLOB lane, counted alike on both sides
         self.blobs_out = 0
@@ -213,7 +233,8 @@ class StageHost:
             assign = self.assignments.claim(job)  # the owner showed up: the assignment no longer expires
             if assign is None:
                 return None
-            session = self.sessions[job] = Session(assign, self.device, self.max_memory_bytes)
+            reservation = AssignedReservation(self.assignments, job, self.max_memory_bytes)
+            session = self.sessions[job] = Session(assign, self.device, reservation)
         return session
 
     async def _accept_channels(self) -> None:
