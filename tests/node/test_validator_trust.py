@@ -4,10 +4,14 @@ ask it for workers. Real node processes on loopback; the owner is a libp2p host 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import multiaddr
 import pytest
@@ -16,10 +20,16 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from nodes import NodeProcess
 
 from tensorlink.node.config import ConfigError, load_config
-from tensorlink.p2p.host import make_host
+from tensorlink.p2p.dht import Directory
+from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
+from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.records import WORKERS
+from tensorlink.p2p.streams import close_stream, read_record, write_message
 from tensorlink.validator import JobRefused, request_job
-from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
+from tensorlink.wire.messages import ErrorReply, Heartbeat, JobPlan, JobRequest, UnitCost, WorkerCapability
+from tensorlink.worker.assignments import ASSIGN_PROTOCOL
+from tensorlink.worker.challenge import CHALLENGE_PROTOCOL, ROW_DIGEST_BYTES, CapacityAnswer, N
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -107,3 +117,87 @@ def test_validators_are_peer_ids_in_the_config(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('validators = ["not a peer id"]\n')
     with pytest.raises(ConfigError, match="validators"):
         load_config(tmp_path, {})
+
+
+@asynccontextmanager
+async def fake_worker(key_dir: Path, bootstrap: str, assigned: list[str], *, garbage: bool) -> AsyncIterator[str]:
+    """A peer that publishes a worker record claiming 10**6 GFLOP/s and 1000 GiB and gossips heartbeats.
+    It cannot back the claim: ``garbage`` answers challenges with random digests, else it does not speak
+    the challenge protocol at all. An assignment it receives is recorded in ``assigned`` (and refused)."""
+    key_pair = load_or_create_identity(key_dir)
+    peer = peer_id_of(key_pair)
+    host = make_host(key_pair)
+    directory, gossip = Directory(host, key_pair, server=False), Gossip(host)
+
+    async def take_assign(stream: Any) -> None:
+        assigned.append(peer)
+        await write_message(stream, ErrorReply(code="busy", message="a liar"))
+        await close_stream(stream)
+
+    async def answer_garbage(stream: Any) -> None:
+        await read_record(stream, 1024)
+        await write_message(stream, CapacityAnswer(rows=secrets.token_bytes(N * ROW_DIGEST_BYTES)))
+        await close_stream(stream)
+
+    async def beat() -> None:
+        for seq in range(10_000):
+            with contextlib.suppress(GossipError):
+                await gossip.publish(
+                    HEARTBEATS,
+                    Heartbeat(peer_id=peer, role="worker", seq=seq, time_ms=int(time.time() * 1000), load=0.0),
+                )
+            await trio.sleep(1.0)
+
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]), directory.running(), gossip.running():
+        assert await directory.connect_bootstrap([bootstrap])
+        serve_protocol(host, ASSIGN_PROTOCOL, take_assign)
+        if garbage:
+            serve_protocol(host, CHALLENGE_PROTOCOL, answer_garbage)
+        claim = WorkerCapability(
+            peer_id=peer, device="cpu", device_name="liar", memory_bytes=1000 << 30, free_memory_bytes=1000 << 30,
+            gflops=1e6, software="tensorlink/0.1.0", addrs=[f"{a}/p2p/{peer}" for a in host.get_addrs()],
+        )  # fmt: skip
+        await directory.publish(WORKERS, claim, 60.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(beat)
+            yield peer
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_lies_about_its_capacity_is_not_preferred(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    trusted = identity(tmp_path / "validator")
+    validator = start_node("validator", "--role", "validator", "--validator", trusted, config=CONFIG)
+    honest = start_node(
+        "honest", "--validator", trusted, "--max-memory", "1", "--bootstrap", validator.addr, config=CONFIG
+    )
+    assigned: list[str] = []
+
+    def checked(s: dict[str, Any]) -> dict[str, str]:
+        return {w["peer_id"]: (w["capacity_check"] or {}).get("outcome", "") for w in s["workers"]}
+
+    async def scenario() -> JobPlan | JobRefused:
+        async with (
+            fake_worker(tmp_path / "silent", validator.addr, assigned, garbage=False) as silent,
+            fake_worker(tmp_path / "garbage", validator.addr, assigned, garbage=True) as garbage,
+        ):
+            want = {honest.peer_id: "verified", silent: "unreachable", garbage: "wrong_answer"}
+            status = await trio.to_thread.run_sync(
+                lambda: validator.wait_for(lambda s: checked(s) == want, 40.0, "the three claims checked")
+            )
+            views = {w["peer_id"]: w for w in status["workers"]}
+            assert views[silent]["gflops"] == 1e6 and views[silent]["memory_bytes"] == 1000 << 30  # what it claims
+            measured = views[honest.peer_id]["capacity_check"]["measured_gflops"]
+            assert 0 < measured, views[honest.peer_id]
+            return await ask(validator, 1, tmp_path / "owner")
+
+    plan = trio.run(scenario)
+    assert isinstance(plan, JobPlan), plan
+    assert [p.peer_id for p in plan.placements] == [honest.peer_id]
+    assert assigned == []  # neither liar was even tried
+    assert "capacity of" in validator.output and "wrong_answer" in validator.output
+    for node in (validator, honest):
+        assert node.stop() < 2.0
+        assert "Traceback" not in node.output, node.output[-5000:]

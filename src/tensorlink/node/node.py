@@ -30,9 +30,10 @@ from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, 
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
 from tensorlink.transport import ChannelService, TransportConfig
 from tensorlink.validator.service import JOB_PROTOCOL, JobService
-from tensorlink.validator.trust import ValidatorTrust
+from tensorlink.validator.trust import CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
 from tensorlink.worker.assignments import ASSIGN_PROTOCOL, Assignments, assign_handler
+from tensorlink.worker.challenge import CHALLENGE_PROTOCOL, challenge_handler
 
 log = logging.getLogger(__name__)
 SOFTWARE = f"tensorlink/{tensorlink.__version__}"
@@ -68,6 +69,7 @@ class Node:
         )
         self.gossip = Gossip(self.host)
         self.trust = ValidatorTrust(config.validators)
+        self.capacity = CapacityCheck(self.host)  # validators: what workers' claims are worth
         self.capability: Any = None  # selfbench.Capability on workers
         self.assignments: Assignments | None = None  # workers: stages accepted from validators
         self.stage_host: Any = None  # workers: worker.stage_host.StageHost, the stages being run
@@ -127,7 +129,10 @@ class Node:
             "connections": {
                 p.to_base58(): connection_kind(self.host, p) or "closed" for p in self.host.get_connected_peers()
             },
-            "workers": _live_views(self.workers, now),
+            "workers": [
+                {**view, "capacity_check": self.capacity.view(view["peer_id"])}
+                for view in _live_views(self.workers, now)
+            ],
             "validators": [
                 {**view, "trusted": self.trust.trusts(view["peer_id"])} for view in _live_views(self.validators, now)
             ],
@@ -206,10 +211,13 @@ class Node:
             await nursery.start(self.channels.serve)
             if self.assignments is not None:
                 serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments))
+                answer = challenge_handler(self.capability.device, self.trust.trusts, self.trust.refusal)
+                serve_protocol(self.host, CHALLENGE_PROTOCOL, answer, limit=2)
             if self.stage_host is not None:
                 await nursery.start(self.stage_host.serve)
             if self.config.role == "validator":
                 serve_protocol(self.host, JOB_PROTOCOL, self.job_service.handle)
+                nursery.start_soon(self._check_capacity_forever)
             joined = trio.Event()
             nursery.start_soon(self._join, joined)
             with trio.move_on_after(BOOTSTRAP_WAIT_S if self.config.bootstrap else 0):
@@ -376,9 +384,22 @@ class Node:
         if old is None or record.seq > old.seq:
             known[peer] = record
 
-    def _live_worker_capabilities(self) -> list[WorkerCapability]:
+    def _live_claims(self) -> list[WorkerCapability]:
+        """Live workers' records as they published them."""
         now_ms = time.time() * 1000
         return [r.message for r in self.workers.values() if r.expires_ms > now_ms]  # type: ignore[misc]
+
+    def _live_worker_capabilities(self) -> list[WorkerCapability]:
+        """Live workers' records as matching may rely on them: claims credited only as far as checked."""
+        return [c for c in map(self.capacity.credited, self._live_claims()) if c is not None]
+
+    async def _check_capacity_forever(self) -> None:
+        """Challenge each live worker whose claim is new, changed or due again, one at a time."""
+        while True:
+            for claim in self._live_claims():
+                if self.capacity.due(claim):
+                    await self.capacity.check(claim)
+            await trio.sleep(DIRECTORY_REFRESH_S["validator"])
 
     async def _stop_on_signal(self, signals: Any, services: trio.CancelScope) -> None:
         async for signum in signals:

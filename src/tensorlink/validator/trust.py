@@ -1,14 +1,45 @@
-"""Which peers this node obeys as validators: the network's decision, never the claimant's.
+"""Trust: which peers are validators, and how much of a worker's claimed capacity is believed.
 
-A validator presence record signed by a peer proves who it is, not that it may assign stages. A peer is
-a trusted validator when the network's configuration lists it (``validators = [...]`` in config.toml,
-``--validator PEER_ID``): the rule for networks without a chain. A node with no rule trusts nobody: a
-worker then refuses every assignment, and says how to configure one.
+Roles are the network's decision, never the claimant's. A validator presence record signed by a peer
+proves who it is, not that it may assign stages. A peer is a trusted validator when the network's
+configuration lists it (``validators = [...]`` in config.toml, ``--validator PEER_ID``): the rule for
+networks without a chain. A node with no rule trusts nobody: a worker then refuses every assignment, and
+says how to configure one.
+
+A worker's capability record is a claim. Validators match on what they have checked: each worker is
+challenged (worker/challenge.py) when it appears and every ``RECHECK_S``; its speed counts as the lesser
+of its claim and what the challenge measured, a claim not (yet) checked counts as ``UNVERIFIED_GFLOPS``,
+a worker that answered wrongly is left out, and memory claims are capped by a per-device bound.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import secrets
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import trio
+
+from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message
+from tensorlink.wire.messages import ErrorReply, WorkerCapability
+from tensorlink.worker.challenge import (
+    CHALLENGE_PROTOCOL,
+    MAX_ROUNDS,
+    ROW_DIGEST_BYTES,
+    CapacityAnswer,
+    CapacityChallenge,
+    N,
+    decode,
+    expected_rows,
+    flops_per_round,
+)
+
+log = logging.getLogger(__name__)
 
 NO_RULE_HINT = (
     "no trusted validators are configured: start the node with --validator PEER_ID (repeatable) or list "
@@ -40,3 +71,131 @@ class ValidatorTrust:
             f"{peer} is not a trusted validator of this network (trusted validators: config list of "
             f"{len(self.listed)}; a validator's own record does not make it one)"
         )
+
+
+TARGET_S = 0.1  # the challenge's compute time at the claimed speed: cheap for a worker that tells the truth
+CHALLENGE_TIMEOUT_S = 10.0
+RECHECK_S = 600.0  # a verified worker is measured again this often (load and hardware change)
+RETRY_S = 30.0  # a worker that could not be checked is tried again this soon
+CHECKED_ROWS = 8  # a worker that computed a fraction f of the rows passes with probability f**8
+UNVERIFIED_GFLOPS = 1.0  # an unchecked claim is worth the slowest worker anyone would run
+MAX_MEMORY_BYTES = {"cpu": 256 << 30, "cuda": 192 << 30}  # no volunteer machine offers more to one node
+
+Outcome = Literal["verified", "wrong_answer", "timeout", "unreachable", "refused"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one challenge showed about one claim."""
+
+    claimed_gflops: float
+    outcome: Outcome
+    measured_gflops: float  # 0 unless verified
+    at: float  # time.monotonic()
+    detail: str = ""
+
+
+class CapacityCheck:
+    """The validator's record of checked claims; ``credited`` is what matching may rely on."""
+
+    def __init__(self, host: Any, clock: Any = time.monotonic) -> None:
+        self.host = host
+        self._clock = clock
+        self.verdicts: dict[str, Verdict] = {}
+
+    def due(self, claim: WorkerCapability) -> bool:
+        """Whether this worker's claim needs a (new) challenge."""
+        v = self.verdicts.get(claim.peer_id)
+        if v is None or v.claimed_gflops != claim.gflops:
+            return True
+        return self._clock() - v.at >= (RECHECK_S if v.outcome == "verified" else RETRY_S)
+
+    def credited(self, claim: WorkerCapability) -> WorkerCapability | None:
+        """The claim as matching may use it; None for a worker caught answering wrongly."""
+        v = self.verdicts.get(claim.peer_id)
+        gflops = min(claim.gflops, UNVERIFIED_GFLOPS)
+        if v is not None and v.claimed_gflops == claim.gflops:
+            if v.outcome == "wrong_answer":
+                return None
+            if v.outcome == "verified":
+                gflops = min(claim.gflops, v.measured_gflops)
+        bound = MAX_MEMORY_BYTES[claim.device]
+        return msgspec.structs.replace(
+            claim,
+            gflops=gflops,
+            memory_bytes=min(claim.memory_bytes, bound),
+            free_memory_bytes=min(claim.free_memory_bytes, bound),
+        )
+
+    def view(self, peer: str) -> dict[str, Any] | None:
+        """The last verdict on ``peer`` as /status shows it."""
+        v = self.verdicts.get(peer)
+        if v is None:
+            return None
+        return {
+            "outcome": v.outcome,
+            "claimed_gflops": v.claimed_gflops,
+            "measured_gflops": round(v.measured_gflops, 2),
+            "checked_s_ago": round(self._clock() - v.at, 1),
+            "detail": v.detail,
+        }
+
+    async def check(self, claim: WorkerCapability) -> Verdict:
+        """Challenge the worker twice, one round then enough rounds for ``TARGET_S`` at its claimed speed;
+        the speed is the difference of work over the difference of time, so the round trip, the stream
+        set-up and the matrices' generation cancel out."""
+        rounds = max(2, min(MAX_ROUNDS, math.ceil(claim.gflops * 1e9 * TARGET_S / flops_per_round())))
+        try:
+            small = await self._exchange(claim.peer_id, 1)
+            large = await self._exchange(claim.peer_id, rounds)
+        except _Failed as exc:
+            verdict = Verdict(claim.gflops, exc.outcome, 0.0, self._clock(), exc.detail)
+        else:
+            extra = large - small
+            seconds = extra if extra > 0 else large
+            measured = (rounds - 1 if extra > 0 else rounds) * flops_per_round() / seconds / 1e9
+            detail = f"{rounds} rounds in {large:.3f} s, 1 round in {small:.3f} s"
+            verdict = Verdict(claim.gflops, "verified", measured, self._clock(), detail)
+        self.verdicts[claim.peer_id] = verdict
+        log.info(
+            "capacity of %s: %s (claims %.1f GFLOP/s, measured %.1f) %s",
+            claim.peer_id, verdict.outcome, claim.gflops, verdict.measured_gflops, verdict.detail,
+        )  # fmt: skip
+        return verdict
+
+    async def _exchange(self, peer: str, rounds: int) -> float:
+        """One challenge: the seconds its correct answer took; _Failed otherwise."""
+        seed = secrets.token_bytes(16)
+        stream = None
+        try:
+            with trio.fail_after(CHALLENGE_TIMEOUT_S):
+                start = time.perf_counter()
+                stream = await open_stream(self.host, peer, CHALLENGE_PROTOCOL)
+                await write_message(stream, CapacityChallenge(seed=seed, rounds=rounds))
+                reply = decode(await read_record(stream, CapacityAnswer.max_bytes))
+                elapsed = time.perf_counter() - start
+        except trio.TooSlowError:
+            raise _Failed("timeout", f"no answer to {rounds} round(s) within {CHALLENGE_TIMEOUT_S:.0f} s") from None
+        except Exception as exc:  # unreachable, reset, garbage
+            raise _Failed("unreachable", f"{type(exc).__name__}: {exc}"[:200]) from None
+        finally:
+            if stream is not None:
+                await close_stream(stream)
+        if isinstance(reply, ErrorReply):
+            raise _Failed("refused", f"{reply.code}: {reply.message}"[:300])
+        if not isinstance(reply, CapacityAnswer):
+            raise _Failed("wrong_answer", f"answered a {type(reply).__name__}")
+        rows = sorted(secrets.SystemRandom().sample(range(N), CHECKED_ROWS))
+        want = await trio.to_thread.run_sync(expected_rows, seed, rounds, rows)
+        got = [reply.rows[i * ROW_DIGEST_BYTES : (i + 1) * ROW_DIGEST_BYTES] for i in rows]
+        if got != want:
+            bad = sum(g != w for g, w in zip(got, want, strict=True))
+            raise _Failed("wrong_answer", f"{bad} of {CHECKED_ROWS} checked rows of {rounds} round(s) are wrong")
+        return elapsed
+
+
+class _Failed(Exception):
+    def __init__(self, outcome: Outcome, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
