@@ -6,12 +6,16 @@ reservation grows into the worker's unreserved memory when a program needs more 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from tensorlink.ir import capture
+from tensorlink.pipeline.links import Lane, LocalLink
 from tensorlink.wire.messages import StageAssign
+from tensorlink.wire.stage import InputSlot, OutputSlot, RunStep
 from tensorlink.worker.assignments import Assignments
 from tensorlink.worker.runtime import FixedReservation, StageError, StageRuntime
 from tensorlink.worker.stage_host import AssignedReservation
@@ -87,3 +91,30 @@ def test_the_reservation_never_grows_past_the_worker(program: bytes) -> None:
         rt.load("train", program, [], [])
     assert e.value.code == "over_reservation"
     assert registry.get(JOB).memory_bytes == 1 * MIB  # type: ignore[union-attr]
+
+
+async def _step(rt: StageRuntime, owner: LocalLink, step: int, micro_batches: int, batch: int) -> None:
+    for mb in range(micro_batches):
+        await owner.send(Lane.USER_IN, step, mb, 0, torch.randn(batch, WIDTH))
+    await rt.run_step(RunStep(key="train", step=step, micro_batches=micro_batches, schedule="gpipe", backward="later"))
+
+
+async def test_micro_batches_kept_for_backward_count_against_the_reservation(program: bytes) -> None:
+    """Loaded with room for one training forward at the maximum batch (64), and for the three inputs that wait on
+    its link while the first micro-batch runs, the stage runs one micro-batch of 64 kept for backward but refuses
+    one of four: each kept one holds its values and, later, their gradients."""
+    probe = runtime(FixedReservation(1 << 40))
+    probe.load("train", program, [], [])
+    owner, mine = LocalLink.pair()
+    waiting = 3 * 64 * WIDTH * 4
+    rt = StageRuntime(JOB, 0, 1, {"user": mine}, reservation=FixedReservation(probe.needed() + waiting + 1024))
+    rt.load("train", program, [InputSlot(name="x", source="user", idx=0)], [OutputSlot(name="y", dest="user", idx=0)])
+    await _step(rt, owner, 0, 1, 64)
+    assert len(rt.stash) == 1
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - trio wraps it in an exception group
+        await _step(rt, owner, 1, 4, 64)
+    error = raised.value
+    while getattr(error, "exceptions", None):
+        (error,) = error.exceptions  # type: ignore[attr-defined]
+    assert isinstance(error, StageError) and error.code == "over_reservation", error
+    assert re.search(r"micro-batch [1-3] of step 1 would bring this stage to \d+ bytes, over", str(error))

@@ -401,9 +401,9 @@ class StageRuntime:
             values.append(tensor.to(self.device))
         seed = seed_of(self.job, cmd.step, mb, self.stage)
         module = program.module
-        self._charge(module, values, (cmd.step, mb), keep)
 
         def compute() -> list[Any]:
+            self._charge(module, values, (cmd.step, mb), keep)  # in this thread: counting a new shape takes a while
             torch.manual_seed(seed)
             with torch.set_grad_enabled(keep):
                 out = module(*values)
