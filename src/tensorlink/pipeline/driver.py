@@ -18,6 +18,7 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,8 @@ from torch.export import Dim
 from tensorlink.ir import StageProgram, capture
 from tensorlink.ir.split import Split, profile, split
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.job import Job, PipelineError, StageRef
+from tensorlink.pipeline.expect import checker, spec_like, value_spec
+from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_step_deadline_s
 from tensorlink.pipeline.links import NONE_MARKER, Lane, from_marker
 from tensorlink.validator.client import request_job
 from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
@@ -244,6 +246,8 @@ class Driver:
             tail=tail,
         )
         outputs: dict[int, list[torch.Tensor]] = {i: [] for i in to_user}
+        job = self.job
+        self._expect_step(program, step, chunks, to_user, tail, backward=mode == "fused", grads=grad_to_user)
 
         async def feed() -> None:
             for m in range(micro_batches):
@@ -255,16 +259,80 @@ class Driver:
             last = refs[-1]
             for m in range(micro_batches):
                 for i in to_user:
-                    outputs[i].append(await last.link.recv(Lane.USER_OUT, step, m, i))
+                    outputs[i].append(await job.recv(last, Lane.USER_OUT, step, m, i, "sent no output"))
 
-        async with trio.open_nursery() as n:
-            n.start_soon(feed)
-            n.start_soon(collect)
-            await self.job.broadcast(lambda ref: cmd)
-        result = StepResult(step, mode, {i: join(parts) for i, parts in outputs.items()})
-        if mode == "fused":
-            result.input_grads = await self._input_grads(sp, step, micro_batches, grad_to_user, inputs)
+        cost = 3.0 if mode == "fused" else 1.0
+        started = trio.current_time()
+        with self._step_deadline(key, step, inputs, cost):
+            async with trio.open_nursery() as n:
+                n.start_soon(feed)
+                n.start_soon(collect)
+                await job.broadcast(lambda ref: cmd)
+            result = StepResult(step, mode, {i: join(parts) for i, parts in outputs.items()})
+            if mode == "fused":
+                result.input_grads = await self._input_grads(sp, step, micro_batches, grad_to_user, inputs)
+        job.clock.record(key, trio.current_time() - started, elements(inputs))
         return result
+
+    def _step_deadline(
+        self, key: str, step: int, inputs: Sequence[torch.Tensor], cost: float
+    ) -> AbstractContextManager[None]:
+        """Job.deadline for a step of program ``key``; ``cost``: its FLOPs in forwards (3: with backward)."""
+        assert self.job is not None
+        program = self.programs[key.split(":")[0]]
+        seconds = self.job.clock.deadline_s(key, elements(inputs))
+        if seconds is None:  # never measured: the program's cost at a slow worker's speed
+            flops = cost * sum(u.flops for u in profile(program.whole, self.sizes(program.whole, inputs)))
+            seconds = first_step_deadline_s(flops)
+        return self.job.deadline(step, seconds)
+
+    def _expect_step(
+        self,
+        program: Program,
+        step: int,
+        chunks: list[Sequence[torch.Tensor]],
+        to_user: list[int],
+        tail: int,
+        *,
+        backward: bool,
+        grads: list[str],
+    ) -> None:
+        """Announce every tensor a step makes the workers send the owner, with the dtype and shape each must
+        have: the model outputs and, with a backward, the input gradients (and in private mode what the
+        stages here receive from their worker neighbours). Owner links take nothing else."""
+        assert self.job is not None
+        sp, whole, refs = program.split, program.whole, self.job.stages
+        ranges = whole.program.dim_ranges
+        for m in range(len(chunks[0]) if chunks else 0):
+            mine = [c[m] for c in chunks]
+            sizes = self.sizes(whole, mine)
+            forward = [(Lane.USER_OUT, refs[-1], i, sp.model_outputs[i], tail) for i in to_user]
+            for k in range(1, len(refs)):  # a stage here fed by a worker before it, over that worker's link
+                if refs[k].peer is None and refs[k - 1].peer is not None:
+                    forward += [(Lane.FWD, refs[k - 1], i, name, 0) for i, name in enumerate(sp.parts[k - 1].outputs)]
+            for lane, ref, i, name, cut in forward:
+                check = checker(value_spec(whole, name), f"{lane.name} {i} ({name})", sizes, ranges, tail=cut)
+                ref.link.mailbox.expect((lane, step, m, i), check)
+            if backward:
+                self._expect_backward(program, step, m, mine, sizes, grads)
+
+    def _expect_backward(
+        self, program: Program, step: int, m: int, mine: list[torch.Tensor], sizes: dict[str, int], grads: list[str]
+    ) -> None:
+        """The gradients a backward sends the owner for micro-batch ``m``: of the user inputs asked for,
+        and in private mode of the outputs of a stage here that feeds a worker."""
+        assert self.job is not None
+        sp, whole, refs = program.split, program.whole, self.job.stages
+        ranges = whole.program.dim_ranges
+        for name in grads:
+            i = sp.user_inputs.index(name)
+            check = checker(spec_like(mine[i]), f"gradient of input {name}", sizes, ranges, marker=True)
+            refs[sp.input_stage[name]].link.mailbox.expect((Lane.USER_GRAD, step, m, i), check)
+        for k in range(len(refs) - 1):  # a stage here feeding a worker after it, over that worker's link
+            if refs[k].peer is None and refs[k + 1].peer is not None:
+                for i, name in enumerate(sp.parts[k].outputs):
+                    check = checker(value_spec(whole, name), f"gradient of {name}", sizes, ranges, marker=True)
+                    refs[k + 1].link.mailbox.expect((Lane.BWD, step, m, i), check)
 
     async def backward(
         self,
@@ -294,10 +362,19 @@ class Driver:
                     await last.link.send(Lane.OUT_GRAD, result.step, m, i, piece if like.numel() else NONE_MARKER)
 
         cmd = RunBackward(key=key, step=result.step, micro_batches=micro_batches, grad_to_user=grad_to_user)  # type: ignore[arg-type]
-        async with trio.open_nursery() as n:
-            n.start_soon(feed)
-            await self.job.broadcast(lambda ref: cmd)
-        return await self._input_grads(sp, result.step, micro_batches, grad_to_user, inputs)
+        program = self.programs[key]
+        chunks = [torch.tensor_split(t, micro_batches) if t.dim() > 0 else [t] * micro_batches for t in inputs]
+        for m in range(micro_batches):
+            mine = [c[m] for c in chunks]
+            self._expect_backward(program, result.step, m, mine, self.sizes(program.whole, mine), grad_to_user)
+        started = trio.current_time()
+        with self._step_deadline(f"{key}:backward", result.step, inputs, 2.0):
+            async with trio.open_nursery() as n:
+                n.start_soon(feed)
+                await self.job.broadcast(lambda ref: cmd)
+            grads = await self._input_grads(sp, result.step, micro_batches, grad_to_user, inputs)
+        self.job.clock.record(f"{key}:backward", trio.current_time() - started, elements(inputs))
+        return grads
 
     async def _input_grads(
         self, sp: Split, step: int, micro_batches: int, names: list[str], inputs: Sequence[torch.Tensor]
@@ -309,7 +386,8 @@ class Driver:
             ref = self.job.stages[sp.input_stage[name]]
             pieces = []
             for m, like in enumerate(torch.tensor_split(inputs[i], micro_batches)):
-                grad = from_marker(await ref.link.recv(Lane.USER_GRAD, step, m, i), like)
+                got = await self.job.recv(ref, Lane.USER_GRAD, step, m, i, "sent no input gradient")
+                grad = from_marker(got, like)
                 pieces.append(grad if grad is not None else torch.zeros_like(like))
             out[name] = torch.cat(pieces)
         return out
@@ -378,18 +456,27 @@ class Driver:
         self.tied_total = totals
 
     async def fetch(self, ref: StageRef, what: str, names: list[str]) -> list[torch.Tensor]:
+        _, tensors = await self._send_tensors(ref, SendTensors(what=what, names=names))  # type: ignore[arg-type]
+        return tensors
+
+    async def _send_tensors(self, ref: StageRef, msg: SendTensors) -> tuple[list[str], list[torch.Tensor]]:
+        """What a stage sends of its state, bounded by what its program holds: as many tensors as it has
+        parameters and buffers (times the optimizer's slots, plus a step count each), and as many bytes."""
         assert self.job is not None
-        reply = await self.job.command(ref, SendTensors(what=what, names=names))  # type: ignore[arg-type]
-        return await self.job.recv_blob(ref, len(reply.names))
+        part = self.programs["train"].split.parts[ref.index].program
+        count = len(part.program.parameters) + len(part.program.buffers)
+        slots = OPTIMIZER_SLOTS.get(self.optimizer_name, 2) if msg.what == "optimizer" else 1
+        most = len(msg.names) or count * (slots + 1)
+        reply, tensors = await self.job.fetch_blob(ref, msg, most, slots * len(part.weights) + most * 64 + (1 << 20))
+        return reply.names, tensors
 
     async def state(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters and buffers, by the original model's names."""
         assert self.job is not None
         merged: dict[str, torch.Tensor] = {}
         for ref in self.job.stages:
-            reply = await self.job.command(ref, SendTensors(what="state", names=[]))
-            tensors = await self.job.recv_blob(ref, len(reply.names))
-            for name, tensor in zip(reply.names, tensors, strict=True):
+            names, tensors = await self._send_tensors(ref, SendTensors(what="state", names=[]))
+            for name, tensor in zip(names, tensors, strict=True):
                 merged.setdefault(name, tensor)
         return merged
 
@@ -398,9 +485,8 @@ class Driver:
         assert self.job is not None
         state: dict[str, dict[str, torch.Tensor]] = {}
         for ref in self.job.stages:
-            reply = await self.job.command(ref, SendTensors(what="optimizer", names=[]))
-            tensors = await self.job.recv_blob(ref, len(reply.names))
-            for full, tensor in zip(reply.names, tensors, strict=True):
+            names, tensors = await self._send_tensors(ref, SendTensors(what="optimizer", names=[]))
+            for full, tensor in zip(names, tensors, strict=True):
                 name, _, key = full.rpartition(":")
                 state.setdefault(name, {}).setdefault(key, tensor)
         return state
@@ -422,6 +508,11 @@ def slots(sp: Split, k: int) -> tuple[list[InputSlot], list[OutputSlot]]:
     last = k == len(sp.parts) - 1
     outputs = [OutputSlot(name=name, dest="user" if last else "next", idx=i) for i, name in enumerate(part.outputs)]
     return inputs, outputs
+
+
+def elements(inputs: Sequence[torch.Tensor]) -> int:
+    """A step's size for its deadline: the elements of its inputs (batch x sequence)."""
+    return sum(t.numel() for t in inputs)
 
 
 def join(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,10 @@ a Failed reply or a broken link raises PipelineError naming the stage and the wo
 
 from __future__ import annotations
 
+import collections
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +25,67 @@ from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import Close, Done, Failed, StageMessage, StageOpen
+from tensorlink.worker.runtime import FixedReservation
 from tensorlink.worker.stage_host import PROTOCOL, Session, describe, recv_stage, send_stage
 
 log = logging.getLogger(__name__)
 COMMAND_TIMEOUT_S = 600.0
+# A step's deadline: STEP_FACTOR x the slowest of the last RECENT_STEPS steps of the same program (per
+# input element, so a longer prompt gets longer), never under STEP_FLOOR_S; a program's first step gets
+# FIRST_STEP_S plus its cost at SLOW_FLOPS (3x the forward's FLOPs when training: forward and backward).
+STEP_FLOOR_S = 30.0
+STEP_FACTOR = 10.0
+RECENT_STEPS = 16
+FIRST_STEP_S = 60.0
+SLOW_FLOPS = 1e9
 
 
 class PipelineError(RuntimeError):
-    """A stage failed a command or its worker became unreachable."""
+    """A stage failed a command, sent what was not asked for, missed a deadline, or became unreachable."""
+
+
+@contextmanager
+def first_error() -> Iterator[None]:
+    """A PipelineError raised in a nursery's task as itself, not inside trio's ExceptionGroup."""
+    try:
+        yield
+    except Exception as exc:
+        found = _pipeline_error(exc)
+        if found is None or found is exc:
+            raise
+        raise found from None
+
+
+def _pipeline_error(exc: BaseException) -> PipelineError | None:
+    if isinstance(exc, PipelineError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _pipeline_error(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def first_step_deadline_s(flops: float) -> float:
+    """A program's first step, before any measurement: an allowance plus its cost on a slow worker."""
+    return FIRST_STEP_S + flops / SLOW_FLOPS
+
+
+class StepClock:
+    """Deadlines of steps from the steps measured so far, per program (train, eval, generate)."""
+
+    def __init__(self) -> None:
+        self._per_element: dict[str, collections.deque[float]] = {}
+
+    def deadline_s(self, key: str, elements: int) -> float | None:
+        """For a step of ``elements`` input elements; None before any step of ``key`` was measured."""
+        seen = self._per_element.get(key)
+        if not seen:
+            return None
+        return max(STEP_FLOOR_S, STEP_FACTOR * max(seen) * max(elements, 1))
+
+    def record(self, key: str, seconds: float, elements: int) -> None:
+        self._per_element.setdefault(key, collections.deque(maxlen=RECENT_STEPS)).append(seconds / max(elements, 1))
 
 
 @dataclass
@@ -56,6 +112,8 @@ class Job:
         self.workers = workers
         self.validator = validator
         self.stages: list[StageRef] = []
+        self.clock = StepClock()
+        self._cut: list[tuple[int, str]] = []  # what the owner was waiting for when a deadline cut it
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -68,7 +126,7 @@ class Job:
                 channel = await self.client.channels.open(peer, self.job)
             except ChannelError as exc:
                 raise PipelineError(f"no data-plane channel to worker {peer}: {exc}") from None
-            by_peer[peer] = link = ChannelLink(channel, self.job)
+            by_peer[peer] = link = ChannelLink(channel, self.job, strict=True)
             nursery.start_soon(link.run)
         for index in range(self.n_stages):
             peer = self.workers.get(index)
@@ -86,7 +144,7 @@ class Job:
                 next=self.workers.get(index + 1),
                 memory_bytes=0,
             )
-            session = Session(assign, "cpu", 8 << 40)
+            session = Session(assign, "cpu", FixedReservation(8 << 40))  # the owner's own stages: no worker's cap
             session.links["user"] = theirs
             self.stages.append(StageRef(index, None, mine, local=session))
         for left, right in zip(self.stages, self.stages[1:], strict=False):
@@ -131,10 +189,49 @@ class Job:
 
     # -- commands ----------------------------------------------------------------------------------------
 
+    # -- deadlines: the one place a stalled stage is detected (fault tolerance will retry from here) ----------
+
+    @contextmanager
+    def deadline(self, step: int, seconds: float) -> Iterator[None]:
+        """Everything inside must finish within ``seconds``; else PipelineError naming the stage waited on."""
+        self._cut.clear()
+        with first_error():
+            with trio.move_on_after(seconds) as scope:
+                yield
+        if scope.cancelled_caught:
+            raise self._stalled(step, seconds)
+
+    @contextmanager
+    def awaiting(self, ref: StageRef, what: str) -> Iterator[None]:
+        """Note what the owner was waiting for from a stage if a deadline cuts the wait short."""
+        try:
+            yield
+        except trio.Cancelled:
+            self._cut.append((ref.index, what))
+            raise
+
+    def _stalled(self, step: int, seconds: float) -> PipelineError:
+        # A worker before this machine; an unanswered command before a missing output (it says more).
+        waits = sorted(self._cut, key=lambda w: (self.stages[w[0]].peer is None, not w[1].startswith("did")))
+        if not waits:
+            return PipelineError(f"step {step} did not finish within {seconds:.1f} s")
+        index, what = waits[0]
+        ref = self.stages[index]
+        where = f"stage {index} on {ref.peer}" if ref.peer else f"stage {index} on this machine (waiting for a worker)"
+        return PipelineError(f"{where} {what} for step {step} within {seconds:.1f} s")
+
+    async def recv(self, ref: StageRef, lane: Lane, step: int, micro_batch: int, index: int, what: str) -> torch.Tensor:
+        """A tensor the stage owes the owner; PipelineError when its link closed (e.g. on a refused frame)."""
+        with self.awaiting(ref, what):
+            try:
+                return await ref.link.recv(lane, step, micro_batch, index)
+            except LinkClosed as exc:
+                raise PipelineError(f"{ref.where}: {exc}") from None
+
     async def command(self, ref: StageRef, msg: StageMessage) -> Done:
         """One command to one stage; its Done, or PipelineError."""
         try:
-            with trio.fail_after(COMMAND_TIMEOUT_S):
+            with trio.fail_after(COMMAND_TIMEOUT_S), self.awaiting(ref, f"did not finish {type(msg).__name__}"):
                 if ref.local is not None:
                     reply = await ref.local.handle(msg)
                 else:
@@ -173,7 +270,29 @@ class Job:
         for i, tensor in enumerate(tensors):
             await ref.link.send(Lane.BLOB, seq, 1, i, tensor)
 
-    async def recv_blob(self, ref: StageRef, count: int) -> list[torch.Tensor]:
+    async def fetch_blob(
+        self, ref: StageRef, msg: StageMessage, most: int, budget: int
+    ) -> tuple[Done, list[torch.Tensor]]:
+        """Send a command that makes the stage send tensors back (its Done names them): at most ``most``
+        tensors of ``budget`` bytes in all are taken, anything beyond closes the link."""
         seq = ref.blobs_in
         ref.blobs_in += 1
-        return [await ref.link.recv(Lane.BLOB, seq, 1, i) for i in range(count)]
+        left = [budget]
+
+        def within_budget(tensor: torch.Tensor) -> str | None:
+            left[0] -= tensor.nbytes
+            return None if left[0] >= 0 else f"more than the {budget} bytes this stage's state can take"
+
+        for i in range(most):
+            ref.link.mailbox.expect((Lane.BLOB, seq, 1, i), within_budget)
+        try:
+            reply = await self.command(ref, msg)
+            if len(reply.names) > most:
+                raise PipelineError(f"{ref.where} announced {len(reply.names)} tensors, more than its {most}")
+            with trio.fail_after(COMMAND_TIMEOUT_S):
+                got = [await self.recv(ref, Lane.BLOB, seq, 1, i, "sent no tensors") for i in range(len(reply.names))]
+        except trio.TooSlowError:
+            raise PipelineError(f"{ref.where} sent no tensors within {COMMAND_TIMEOUT_S:.0f} s") from None
+        finally:
+            ref.link.mailbox.retire(Lane.BLOB, seq)
+        return reply, got

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import enum
 import hashlib
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -19,7 +21,9 @@ import trio
 from tensorlink.transport import Channel, ChannelError
 from tensorlink.wire.frame import Route
 
+log = logging.getLogger(__name__)
 Key = tuple[int, int, int, int]  # lane, step, micro-batch, index
+Check = Callable[[torch.Tensor], str | None]  # what is wrong with an arriving tensor, or None
 
 
 class Lane(enum.IntEnum):
@@ -36,16 +40,51 @@ class LinkClosed(Exception):
     """The link's channel failed; the message names the peer and why."""
 
 
-class Mailbox:
-    """Tensors that arrived, by key, until someone takes them."""
+class FrameRefused(Exception):
+    """A frame nobody asked for (or one unlike what was asked for): the link that carried it closes."""
 
-    def __init__(self) -> None:
+
+def describe_key(key: Key) -> str:
+    lane, step, micro_batch, index = key
+    return f"{Lane(lane).name if lane in Lane._value2member_map_ else f'lane {lane}'} frame of step {step}, " + (
+        f"micro-batch {micro_batch}, index {index}"
+    )
+
+
+class Mailbox:
+    """Tensors that arrived, by key, until someone takes them.
+
+    A strict mailbox (the owner's, facing workers it does not trust) takes only the keys announced with
+    ``expect``, each once and only when its check passes, so what it buffers is bounded by what the
+    schedule asked for; anything else raises FrameRefused."""
+
+    def __init__(self, *, strict: bool = False) -> None:
         self._items: dict[Key, torch.Tensor] = {}
         self._waiting: dict[Key, trio.Event] = {}
+        self._expected: dict[Key, Check] | None = {} if strict else None
         self.error: str | None = None
+        self.buffered_bytes = 0
+
+    def expect(self, key: Key, check: Check) -> None:
+        if self._expected is not None:
+            self._expected[key] = check
+
+    def retire(self, lane: Lane, step: int) -> None:
+        """Expect nothing more of ``lane`` at ``step`` (a fetch of an unknown count is complete)."""
+        if self._expected is not None:
+            for key in [k for k in self._expected if k[0] == lane and k[1] == step]:
+                del self._expected[key]
 
     def put(self, key: Key, tensor: torch.Tensor) -> None:
+        if self._expected is not None:
+            check = self._expected.pop(key, None)
+            if check is None:
+                raise FrameRefused(f"an unsolicited {describe_key(key)} (never asked for, or a duplicate)")
+            wrong = check(tensor)
+            if wrong is not None:
+                raise FrameRefused(f"a wrong {describe_key(key)}: {wrong}")
         self._items[key] = tensor
+        self.buffered_bytes += tensor.nbytes
         event = self._waiting.pop(key, None)
         if event is not None:
             event.set()
@@ -56,7 +95,9 @@ class Mailbox:
                 raise LinkClosed(self.error)
             event = self._waiting.setdefault(key, trio.Event())
             await event.wait()
-        return self._items.pop(key)
+        tensor = self._items.pop(key)
+        self.buffered_bytes -= tensor.nbytes
+        return tensor
 
     def fail(self, reason: str) -> None:
         self.error = reason
@@ -68,10 +109,12 @@ class Mailbox:
         """Forget activations and gradients of earlier steps nobody will read (e.g. gradients sent for
         inputs whose producer needed none)."""
         for key in [k for k in self._items if k[0] in lanes and k[1] < step]:
-            del self._items[key]
+            self.buffered_bytes -= self._items.pop(key).nbytes
 
 
 class Link(Protocol):
+    mailbox: Mailbox
+
     async def send(self, lane: Lane, step: int, micro_batch: int, index: int, tensor: torch.Tensor) -> None: ...
 
     async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor: ...
@@ -111,12 +154,13 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 class ChannelLink:
-    """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames."""
+    """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames. ``strict``: take only
+    expected frames (see Mailbox); a refused one closes the link with the reason."""
 
-    def __init__(self, channel: Channel, job: bytes, audit: Audit | None = None) -> None:
+    def __init__(self, channel: Channel, job: bytes, audit: Audit | None = None, *, strict: bool = False) -> None:
         self.channel = channel
         self.job = job
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(strict=strict)
         self.audit = audit
 
     async def run(self) -> None:
@@ -130,6 +174,10 @@ class ChannelLink:
                 self.mailbox.put((lane, route.step, route.micro_batch, index), tensor.clone())
         except ChannelError as exc:
             self.mailbox.fail(f"channel to {self.channel.peer} closed: {exc.reason}")
+        except FrameRefused as exc:
+            log.warning("closing the link to %s: it sent %s", self.channel.peer, exc)
+            self.mailbox.fail(f"{self.channel.peer} sent {exc}; link closed")
+            await self.channel.aclose()
         except Exception as exc:  # a frame this side cannot handle ends this link, never the node
             self.mailbox.fail(f"link to {self.channel.peer} failed: {type(exc).__name__}: {exc}")
             await self.channel.aclose()

@@ -1,0 +1,89 @@
+"""What the owner expects a worker to send back, from the capture's own metadata.
+
+The owner captured the whole program, so it knows every value's dtype and shape: fixed sizes, symbols
+bound by the inputs it sent, and size expressions bounded by the ranges seen at capture. A tensor from a
+worker is checked against that before anything uses it (exact dtype, exact rank, every dimension), so a
+worker cannot make the owner reshape, crash on or buffer something it never asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tensorlink.ir import StageProgram
+from tensorlink.ir.split import _DTYPE
+from tensorlink.pipeline.links import Check
+
+MARKER_SHAPE = (0,)  # links.NONE_MARKER: a gradient that does not exist
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One expected tensor: dtype and dims (an int, a symbol of the inputs, or a size expression)."""
+
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+
+
+def value_spec(program: StageProgram, name: str) -> Spec:
+    """The capture's record of value ``name`` (a tensor the split sends between stages or to the owner)."""
+    meta = program.program.values.get(name)
+    if meta is None or meta.dtype is None:
+        raise ValueError(f"the capture has no tensor metadata for {name!r}")
+    return Spec(_DTYPE[meta.dtype], tuple(meta.shape))
+
+
+def spec_like(tensor: torch.Tensor) -> Spec:
+    """A tensor of exactly this one's dtype and shape (the gradient of an input the owner sent)."""
+    return Spec(tensor.dtype, tuple(tensor.shape))
+
+
+def checker(
+    spec: Spec,
+    what: str,
+    sizes: dict[str, int],
+    ranges: Mapping[str, list[int]],
+    *,
+    tail: int = 0,
+    marker: bool = False,
+) -> Check:
+    """A check for one tensor. ``sizes``: the symbols the inputs bound, shared by every check of one
+    micro-batch so an expression is bound once and then held to it; ``ranges``: the capture's [min, max]
+    of each expression; ``tail``: dim 1 cut to its last ``tail`` positions (generation); ``marker``: the
+    empty "no gradient" tensor is allowed too."""
+
+    def check(tensor: torch.Tensor) -> str | None:
+        if marker and tuple(tensor.shape) == MARKER_SHAPE:
+            return None
+        got = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+        want = f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
+        if tensor.dtype != spec.dtype or tensor.dim() != len(spec.shape):
+            return f"{what} is {got}, expected {want}"
+        for axis, (size, dim) in enumerate(zip(tensor.shape, spec.shape, strict=True)):
+            wrong = _dim_error(int(size), dim, sizes, ranges, tail if axis == 1 else 0)
+            if wrong is not None:
+                return f"{what} is {got}, expected {want}: dim {axis} {wrong}"
+        return None
+
+    return check
+
+
+def _dim_error(
+    size: int, dim: int | str, sizes: dict[str, int], ranges: Mapping[str, list[int]], tail: int
+) -> str | None:
+    if isinstance(dim, int):
+        full: int | None = dim
+    else:
+        full = sizes.get(dim)
+        if full is None:
+            low, high = ranges.get(dim, (0, 0))
+            if not (low <= size <= high or (tail and size <= tail)):
+                return f"{size} is outside {dim}'s range [{low}, {high}]"
+            if not tail:
+                sizes[dim] = size  # later tensors of this micro-batch must agree
+            return None
+    expected = min(tail, full) if tail else full
+    return None if size == expected else f"is {size}, expected {expected} ({dim})"
