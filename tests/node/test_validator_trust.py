@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -117,6 +119,18 @@ def test_validators_are_peer_ids_in_the_config(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('validators = ["not a peer id"]\n')
     with pytest.raises(ConfigError, match="validators"):
         load_config(tmp_path, {})
+    (tmp_path / "config.toml").write_text('chain_rpc = "http://127.0.0.1:8545"\n')
+    with pytest.raises(ConfigError, match="chain_rpc and chain_deployment go together"):
+        load_config(tmp_path, {})
+    (tmp_path / "config.toml").write_text('chain_key_file = "key"\n')
+    with pytest.raises(ConfigError, match="chain_key_file needs a chain"):
+        load_config(tmp_path, {})
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorlink.node", "--data-dir", str(tmp_path / "n"), "--status-port", "0",
+         "--chain-rpc", "http://127.0.0.1:9", "--chain-deployment", str(tmp_path / "missing.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "chain_deployment" in result.stderr and "Traceback" not in result.stderr
 
 
 @asynccontextmanager

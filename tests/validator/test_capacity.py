@@ -62,8 +62,7 @@ def validator_id(tmp_path: Path) -> str:
 
 
 def honest_handler(trusted: list[str]) -> Callable[[Any], Any]:
-    trust = ValidatorTrust(trusted)
-    return ch.challenge_handler("cpu", trust.trusts, trust.refusal)
+    return ch.challenge_handler("cpu", ValidatorTrust(trusted))
 
 
 async def test_an_honest_worker_is_measured_and_credited_at_most_its_claim(tmp_path: Path) -> None:

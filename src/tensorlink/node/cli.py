@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="claim_timeout_s",
         help="how long a worker holds a stage whose owner has not started it (default: 30)",
     )
+    p.add_argument(
+        "--chain-rpc",
+        metavar="URL",
+        help="JSON-RPC URL of the chain whose Staking contract makes validators: a peer staked there is "
+        "trusted as one (with --chain-deployment)",
+    )
+    p.add_argument(
+        "--chain-deployment",
+        metavar="FILE",
+        help='JSON file with the contracts\' addresses: {"chain_id", "token", "staking", "settlement"}',
+    )
+    p.add_argument(
+        "--chain-key-file",
+        metavar="FILE",
+        help="validators on a chain: file holding the hex private key of the staked account, to prove it",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; -vv includes libp2p's")
     return p
 
@@ -177,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         "audit_inputs": args.audit_inputs,
         "validators": args.validators,
         "claim_timeout_s": args.claim_timeout_s,
+        "chain_rpc": args.chain_rpc,
+        "chain_deployment": args.chain_deployment,
+        "chain_key_file": args.chain_key_file,
     }
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,17 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # How long a worker holds a stage its owner has not started (validators stop counting the job as
     # waiting after the same time). An honest owner claims within a second of its plan.
     claim_timeout_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    # A chain whose Staking contract grants the validator role (validator/stake.py): its JSON-RPC URL,
+    # the deployment file, and on a validator the file with the hex key of its staked account.
+    chain_rpc: Annotated[str, msgspec.Meta(pattern=r"^https?://")] | None = None
+    chain_deployment: str | None = None
+    chain_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.chain_rpc is None) != (self.chain_deployment is None):
+            raise ValueError("chain_rpc and chain_deployment go together: give both, or neither")
+        if self.chain_key_file is not None and self.chain_rpc is None:
+            raise ValueError("chain_key_file needs a chain: give chain_rpc and chain_deployment too")
 
 
 def default_data_dir() -> Path:

@@ -68,7 +68,8 @@ class Node:
             ),
         )
         self.gossip = Gossip(self.host)
-        self.trust = ValidatorTrust(config.validators)
+        self.staked: Any = self._staked_validators()  # validator.stake.StakedValidators where a chain is set
+        self.trust = ValidatorTrust(config.validators, self.staked)
         self.capacity = CapacityCheck(self.host)  # validators: what workers' claims are worth
         self.capability: Any = None  # selfbench.Capability on workers
         self.assignments: Assignments | None = None  # workers: stages accepted from validators
@@ -210,13 +211,16 @@ class Node:
             port = await nursery.start(self.status_server.serve, self.config.status_port)
             await nursery.start(self.channels.serve)
             if self.assignments is not None:
-                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments))
-                answer = challenge_handler(self.capability.device, self.trust.trusts, self.trust.refusal)
-                serve_protocol(self.host, CHALLENGE_PROTOCOL, answer, limit=2)
+                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments, self.trust.learn))
+                serve_protocol(
+                    self.host, CHALLENGE_PROTOCOL, challenge_handler(self.capability.device, self.trust), limit=2
+                )
             if self.stage_host is not None:
                 await nursery.start(self.stage_host.serve)
             if self.config.role == "validator":
                 serve_protocol(self.host, JOB_PROTOCOL, self.job_service.handle)
+                if self.staked is not None:
+                    serve_protocol(self.host, self.staked.protocol, self.staked.serve_proof)
                 nursery.start_soon(self._check_capacity_forever)
             joined = trio.Event()
             nursery.start_soon(self._join, joined)
@@ -354,6 +358,8 @@ class Node:
                 for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
                     for peer in self._due(namespace, known):
                         nursery.start_soon(self._fetch_one, namespace, known, peer)
+                for peer in list(self.validators):  # a chain's validators: their stake (cached a minute)
+                    nursery.start_soon(self.trust.learn, peer)
             now_ms = time.time() * 1000
             for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
                 for peer in [p for p, r in known.items() if r.expires_ms <= now_ms]:
@@ -383,6 +389,14 @@ class Node:
             log.info("%s appeared: %s", namespace.name, peer)
         if old is None or record.seq > old.seq:
             known[peer] = record
+
+    def _staked_validators(self) -> Any:
+        """The chain rule (validator/stake.py) when a chain is configured, else None."""
+        if self.config.chain_rpc is None or self.config.chain_deployment is None:
+            return None
+        from tensorlink.validator import stake  # web3 and eth: only where a chain is configured
+
+        return stake.connect(self.config.chain_rpc, self.config.chain_deployment, self.host, self.config.chain_key_file)
 
     def _live_claims(self) -> list[WorkerCapability]:
         """Live workers' records as they published them."""

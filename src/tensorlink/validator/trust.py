@@ -1,10 +1,11 @@
 """Trust: which peers are validators, and how much of a worker's claimed capacity is believed.
 
 Roles are the network's decision, never the claimant's. A validator presence record signed by a peer
-proves who it is, not that it may assign stages. A peer is a trusted validator when the network's
-configuration lists it (``validators = [...]`` in config.toml, ``--validator PEER_ID``): the rule for
-networks without a chain. A node with no rule trusts nobody: a worker then refuses every assignment, and
-says how to configure one.
+proves who it is, not that it may assign stages. A peer is a trusted validator when it is staked on
+the chain the node is configured with (validator/stake.py), or when the network's configuration lists
+it (``validators = [...]`` in config.toml, ``--validator PEER_ID``): the rule for networks without a
+chain. A node with no rule trusts nobody: a worker then refuses every assignment, and says how to
+configure one.
 
 A worker's capability record is a claim. Validators match on what they have checked: each worker is
 challenged (worker/challenge.py) when it appears and every ``RECHECK_S``; its speed counts as the lesser
@@ -20,7 +21,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import trio
@@ -43,33 +44,55 @@ log = logging.getLogger(__name__)
 
 NO_RULE_HINT = (
     "no trusted validators are configured: start the node with --validator PEER_ID (repeatable) or list "
-    'them in config.toml as validators = ["PEER_ID", ...]'
+    'them in config.toml as validators = ["PEER_ID", ...], or configure a chain (--chain-rpc, '
+    "--chain-deployment)"
 )
 
 
-class ValidatorTrust:
-    """The rule in force on one node: ``trusts(peer)`` answers, ``rule`` describes it for people."""
+class StakeRule(Protocol):
+    """The chain rule (validator/stake.py's StakedValidators), imported only where a chain is configured."""
 
-    def __init__(self, listed: Iterable[str] = ()) -> None:
+    @property
+    def rule(self) -> str: ...
+
+    def trusts(self, peer: str) -> bool: ...
+
+    def why_not(self, peer: str) -> str: ...
+
+    async def learn(self, peer: str) -> None: ...
+
+
+class ValidatorTrust:
+    """The rule in force on one node: ``trusts(peer)`` answers, ``rule`` describes it for people, and
+    ``learn(peer)`` (before ``trusts``) checks a peer's stake when a chain is configured."""
+
+    def __init__(self, listed: Iterable[str] = (), staked: StakeRule | None = None) -> None:
         self.listed = frozenset(listed)
+        self.staked = staked
 
     def trusts(self, peer: str) -> bool:
-        return peer in self.listed
+        return peer in self.listed or (self.staked is not None and self.staked.trusts(peer))
+
+    async def learn(self, peer: str) -> None:
+        if self.staked is not None and peer not in self.listed:
+            await self.staked.learn(peer)
 
     @property
     def rule(self) -> str:
         """One line for the banner and /status."""
-        if not self.listed:
-            return "none (" + NO_RULE_HINT + ")"
-        return f"config list of {len(self.listed)}"
+        rules = [f"config list of {len(self.listed)}"] if self.listed else []
+        if self.staked is not None:
+            rules.append(self.staked.rule)
+        return " or ".join(rules) if rules else "none (" + NO_RULE_HINT + ")"
 
     def refusal(self, peer: str) -> str:
         """Why ``peer`` is not obeyed, naming the rule, for the refused peer and the operator's log."""
-        if not self.listed:
+        if not self.listed and self.staked is None:
             return f"{peer} is not a trusted validator: {NO_RULE_HINT}"
+        why = "" if self.staked is None else f"; {self.staked.why_not(peer)}"
         return (
-            f"{peer} is not a trusted validator of this network (trusted validators: config list of "
-            f"{len(self.listed)}; a validator's own record does not make it one)"
+            f"{peer} is not a trusted validator of this network (trusted validators: {self.rule}; a "
+            f"validator's own record does not make it one{why})"
         )
 
 

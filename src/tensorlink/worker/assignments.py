@@ -37,11 +37,14 @@ MAX_ASSIGNMENTS = 256  # stages one worker holds at once, claimed or not: bounds
 
 
 class ValidatorRule(Protocol):
-    """Who may assign stages (validator/trust.py's ValidatorTrust)."""
+    """Who may assign stages (validator/trust.py's ValidatorTrust): ``learn(peer)`` first (it may ask the
+    chain), then ``trusts(peer)``."""
 
     def trusts(self, peer: str) -> bool: ...
 
     def refusal(self, peer: str) -> str: ...
+
+    async def learn(self, peer: str) -> None: ...
 
 
 @dataclass
@@ -194,9 +197,11 @@ class Assignments:
             del self._entries[job]
 
 
-def assign_handler(assignments: Assignments) -> Callable[[Any], Awaitable[None]]:
+def assign_handler(
+    assignments: Assignments, learn_validator: Callable[[str], Awaitable[None]]
+) -> Callable[[Any], Awaitable[None]]:
     """The ``ASSIGN_PROTOCOL`` stream handler (for ``serve_protocol``): one StageAssign in, one answer
-    out."""
+    out. ``learn_validator(peer)`` runs first, so that a staked validator is checked before it is judged."""
 
     async def handle(stream: Any) -> None:
         peer = remote_peer(stream)
@@ -206,6 +211,7 @@ def assign_handler(assignments: Assignments) -> Callable[[Any], Awaitable[None]]
         except (StreamError, WireError, trio.TooSlowError) as exc:
             reply: StageAssigned | ErrorReply = ErrorReply(code="bad_request", message=str(exc)[:1024] or "timeout")
         else:
+            await learn_validator(peer)
             reply = assignments.accept(assign, peer)
         try:
             await write_message(stream, reply)

@@ -24,6 +24,7 @@ import trio
 from tensorlink.p2p.streams import StreamError, close_stream, read_record, remote_peer, write_message
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import ErrorReply, Message, decode_checked
+from tensorlink.worker.assignments import ValidatorRule
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,9 @@ def solve(challenge: CapacityChallenge, device: str) -> CapacityAnswer:
     return CapacityAnswer(rows=b"".join(row_digest(r) for r in result))
 
 
-def challenge_handler(
-    device: str, may_challenge: Callable[[str], bool], why_not: Callable[[str], str]
-) -> Callable[[Any], Awaitable[None]]:
-    """The worker's ``CHALLENGE_PROTOCOL`` handler: one challenge in, one answer out. Only peers that
-    ``may_challenge`` (trusted validators) get an answer, and one at a time: the worker's CPU is for
-    stages."""
+def challenge_handler(device: str, validators: ValidatorRule) -> Callable[[Any], Awaitable[None]]:
+    """The worker's ``CHALLENGE_PROTOCOL`` handler: one challenge in, one answer out. Only trusted
+    ``validators`` get an answer, and one at a time: the worker's CPU is for stages."""
     busy = trio.Lock()
 
     async def handle(stream: Any) -> None:
@@ -122,8 +120,8 @@ def challenge_handler(
                 reply = ErrorReply(
                     code="bad_request", message=f"expected a CapacityChallenge, got {type(msg).__name__}"
                 )
-            elif not may_challenge(peer):
-                reply = ErrorReply(code="not_a_validator", message=why_not(peer)[:1024])
+            elif not (await validators.learn(peer) or validators.trusts(peer)):
+                reply = ErrorReply(code="not_a_validator", message=validators.refusal(peer)[:1024])
             elif busy.locked():
                 reply = ErrorReply(code="busy", message="this worker is answering another challenge; ask again later")
             else:
