@@ -20,20 +20,23 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from nodes import NodeProcess
 
-from tensorlink.p2p.host import FIRST_MESSAGE_S, make_host
+from tensorlink.p2p.host import FIRST_MESSAGE_S, PER_PEER, make_host
 from tensorlink.p2p.identity import load_or_create_identity
 from tensorlink.p2p.streams import StreamError, read_record, write_message, write_record
 from tensorlink.transport.service import PROTOCOL as CHANNEL
 from tensorlink.transport.service import SETUPS_PER_PEER
-from tensorlink.wire.messages import ChannelOffer, ErrorReply, decode_message
+from tensorlink.wire.messages import ChannelOffer, ErrorReply, StageAssign, decode_message
 from tensorlink.wire.stage import Failed, StageOpen, decode_stage, encode_stage
+from tensorlink.worker.assignments import ASSIGN_PROTOCOL as ASSIGN
 from tensorlink.worker.stage_host import PROTOCOL as STAGE
 from tensorlink.worker.stage_host import STAGES_PER_PEER
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
-# More than the node's global slots (64 stage, 32 channel), so without per-peer caps nobody else gets one.
-IDLE = {STAGE: 70, CHANNEL: 36}
+# More than the node's global slots (64 stage, 32 channel, 16 assign), so without per-peer caps nobody else
+# gets one. The assign protocol stands for those that keep serve_protocol's defaults (ErrorReply refusals).
+IDLE = {STAGE: 70, CHANNEL: 36, ASSIGN: 20}
+CAPS = {STAGE: STAGES_PER_PEER, CHANNEL: SETUPS_PER_PEER, ASSIGN: PER_PEER}
 
 
 async def _host(tmp: str) -> Any:
@@ -56,9 +59,15 @@ async def honest_answer(host: Any, peer: Any, protocol: str) -> tuple[float, str
     stream = await host.new_stream(peer, [protocol])
     if protocol == STAGE:
         await write_record(stream, encode_stage(StageOpen(job=os.urandom(16), stage=0)))
+    elif protocol == CHANNEL:
+        await write_message(
+            stream, ChannelOffer(job=os.urandom(16), ephemeral_key=os.urandom(32), nonce=os.urandom(32))
+        )
     else:
-        offer = ChannelOffer(job=os.urandom(16), ephemeral_key=os.urandom(32), nonce=os.urandom(32))
-        await write_message(stream, offer)
+        me = host.get_id().to_base58()
+        await write_message(
+            stream, StageAssign(job=os.urandom(16), owner=me, validator=me, stage=0, n_stages=1, memory_bytes=1 << 20)
+        )
     answer = await refusal(stream, protocol)
     return trio.current_time() - started, answer
 
@@ -97,11 +106,11 @@ async def attack(target: str) -> dict[str, Any]:
 def test_idle_streams_cannot_hold_the_slots_of_honest_peers(start_node: Callable[..., NodeProcess]) -> None:
     node = start_node("worker")
     seen = trio.run(attack, node.addr)
-    caps = {STAGE: STAGES_PER_PEER, CHANNEL: SETUPS_PER_PEER}
-    for protocol, cap in caps.items():
-        # The honest peer got the protocol's own answer (no such job here), not a busy refusal, at once.
+    for protocol, cap in CAPS.items():
+        # The honest peer got the protocol's own answer (no such job, not a validator), at once.
         took, answer = seen["honest"][protocol]
-        assert "not_assigned" in answer or "not_admitted" in answer, answer
+        assert "(busy)" not in answer and "(too_slow)" not in answer, answer
+        print(f"{protocol}: honest answer in {took * 1000:.0f} ms under {IDLE[protocol]} idle attacker streams")
         assert took < 2.0, f"{protocol}: the honest peer waited {took:.2f} s"
         # The attacker held `cap` slots; every other stream of it was refused at once, saying why.
         busy, closed = seen["busy"].get(protocol, []), seen["closed"][protocol]

@@ -28,7 +28,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
-from tensorlink.p2p.streams import awaiting_first_record, write_record
+from tensorlink.p2p.streams import awaiting_first_record, error_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def serve_protocol(
     limit: int = 16,
     per_peer: int = PER_PEER,
     first_message_s: float = FIRST_MESSAGE_S,
-    refuse: Callable[[str, str], bytes] | None = None,
+    refuse: Callable[[str, str], bytes] = error_record,
 ) -> None:
     """Register a stream handler that can never take the node down, nor be starved by one peer.
 
@@ -168,7 +168,7 @@ def serve_protocol(
     stream reset. At most ``limit`` streams of the protocol are handled at once, at most ``per_peer`` of
     them from one peer, and a stream whose first message (read with ``read_record``) has not arrived
     within ``first_message_s`` is ended, so idle streams cannot hold the slots honest peers need.
-    A refused stream gets ``refuse(code, reason)`` (a record of the protocol's own error message) when given.
+    A refused stream is told why with ``refuse(code, reason)``: a record of the protocol's error message.
     """
     slots = trio.Semaphore(limit)
     held: dict[str, int] = {}
@@ -207,19 +207,18 @@ def serve_protocol(
     host.set_stream_handler(TProtocol(protocol), guarded)
 
 
-async def _refuse(stream: Any, refuse: Callable[[str, str], bytes] | None, code: str, reason: str) -> None:
-    """Tell the peer why (when the protocol has an error message), then reset; at most ~2 s. Yamux drops
-    what a stream buffered when a reset arrives, so the reset waits for the peer to read and close."""
+async def _refuse(stream: Any, refuse: Callable[[str, str], bytes], code: str, reason: str) -> None:
+    """Tell the peer why, then reset; at most ~2 s. Yamux drops what a stream buffered when a reset
+    arrives, so the reset waits for the peer to read and close."""
     log.debug("refused a stream from %s: %s", _remote(stream), reason)
-    if refuse is not None:
-        with trio.move_on_after(1.0):
-            try:
-                await write_record(stream, refuse(code, reason))
-                await stream.close()
-                while await stream.read(4096):
-                    pass
-            except Exception:
+    with trio.move_on_after(1.0):
+        try:
+            await write_record(stream, refuse(code, reason))
+            await stream.close()
+            while await stream.read(4096):
                 pass
+        except Exception:
+            pass
     await reset_stream(stream)
 
 

@@ -16,7 +16,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from tensorlink.wire.messages import MAX_MESSAGE_BYTES, Message, decode_message, encode_message
+from tensorlink.wire.messages import MAX_MESSAGE_BYTES, ErrorReply, Message, decode_message, encode_message
 
 
 class StreamError(Exception):
@@ -36,6 +36,11 @@ def awaiting_first_record(stream: Any, deadline: trio.CancelScope) -> Iterator[N
         yield
     finally:
         _first_record.reset(token)
+
+
+def error_record(code: str, reason: str) -> bytes:
+    """An ErrorReply as a record: how the node's protocols (but the stage protocol) refuse a stream."""
+    return encode_message(ErrorReply(code=code, message=reason[:1024]))
 
 
 async def write_message(stream: Any, msg: Message) -> None:

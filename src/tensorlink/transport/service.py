@@ -60,7 +60,7 @@ from tensorlink.transport.keys import (
 )
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.limits import MAX_FRAME_PAYLOAD
-from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect, Cipher, ErrorReply, encode_message
+from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect, Cipher, ErrorReply
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class ChannelService:
                 self.data_port = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(trio.serve_listeners, self._on_tcp, listeners)
                 log.info("data plane listening on %s:%d", self.config.listen_ip, self.data_port)
-            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER, refuse=_refusal)
+            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -410,11 +410,6 @@ class ChannelService:
         self._prune()
         self._channels.append(channel)
         return channel
-
-
-def _refusal(code: str, reason: str) -> bytes:
-    """serve_protocol's refusal of a set-up stream, as the opener's ChannelService reads it."""
-    return encode_message(ErrorReply(code=code, message=reason[:1024]))
 
 
 async def _receive_exactly(tcp: trio.SocketStream, n: int) -> bytes:
