@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from tensorlink.ir.errors import IRError
 
-MAX_CORNERS = 16  # symbol-range corners counted at load: all of them for up to 4 symbols, then one flip at a time
+MAX_CORNERS = 4  # symbol-range corners counted at load (see corners)
 SHAPE_CACHE = 64  # distinct input shapes a module remembers the count of
 
 
@@ -95,15 +95,20 @@ def count(run: Callable[[], Any], limit: int) -> int:
 
 
 def corners(symbols: Mapping[str, list[int]]) -> list[dict[str, int]]:
-    """The points of the declared symbol ranges to count at load: the all-maximum point first, then every corner
-    when there are few symbols, else each symbol at its minimum with the rest at their maximum."""
+    """The points of the declared symbol ranges to count at load, all-maximum first: every corner for up to two
+    symbols (a batch and a sequence), else all-maximum and all-minimum. More would multiply the load's dry-run time
+    (argcheck.MAX_COST prices each run) without making the bound sound: ShapeGuard does that."""
     names = sorted(symbols)
     top = {n: symbols[n][1] for n in names}
     if 2 ** len(names) <= MAX_CORNERS:
         points = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(symbols[n] for n in names))]
     else:
-        points = [{**top, n: symbols[n][0]} for n in names]
-    return [top, *(p for p in points if p != top)]
+        points = [{n: symbols[n][0] for n in names}]
+    unique: list[dict[str, int]] = [top]
+    for point in points:
+        if point not in unique:
+            unique.append(point)
+    return unique
 
 
 class ShapeGuard:
