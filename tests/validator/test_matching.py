@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from tensorlink.validator import JobRefused, plan_job
+from tensorlink.validator.client import _check_plan as check_plan
 from tensorlink.wire.messages import JobRequest, UnitCost, WorkerCapability
 
 VALIDATOR = "12D3KooWValidator"
@@ -78,3 +80,19 @@ def test_not_enough_memory_names_the_worker() -> None:
     with pytest.raises(JobRefused, match=r"worker small offers 1 GB free, but the smallest stage") as info:
         plan_job(request(1, units=units), [worker("small", 1, free=GB)], VALIDATOR)
     assert info.value.code == "not_enough_memory"
+
+
+@pytest.mark.parametrize(
+    ("peers", "why"),
+    [
+        (["a", "a"], "it names a worker for two stages"),
+        (["a", USER], "it names the owner or the validator itself as a worker"),
+        ([VALIDATOR, "b"], "it names the owner or the validator itself as a worker"),
+    ],
+)
+def test_the_owner_refuses_a_plan_that_names_the_wrong_workers(peers: list[str], why: str) -> None:
+    plan, _ = plan_job(request(2), [worker("a", 10), worker("b", 10)], VALIDATOR)
+    check_plan(request(2), plan, VALIDATOR)  # the validator's own plan fits
+    placements = [msgspec.structs.replace(p, peer_id=peer) for p, peer in zip(plan.placements, peers, strict=True)]
+    with pytest.raises(JobRefused, match=why):
+        check_plan(request(2), msgspec.structs.replace(plan, placements=placements), VALIDATOR)

@@ -4,10 +4,11 @@ Each node is its own ``python -m tensorlink.node`` process on 127.0.0.1 with a d
 workers bootstrap from the validators. All start at once (a node takes seconds to import torch and
 libp2p): the validators' identities are created and their ports picked here first, so their addresses
 are known before they run, and workers retry the bootstrap until a validator answers. Entering the
-context waits until every validator lists every worker as live and every worker knows every validator,
-so a job can be placed at once; leaving it stops only the processes it started. Every node is told the
-swarm's validators (``--validator``): the swarm's configuration is the network's list of trusted
-validators, as a real network's config.toml would be.
+context waits until every validator lists every worker as live, with its capacity claim checked (until
+then a validator counts a worker at the minimum speed, and a split would be lopsided), and every worker
+knows every validator, so a job can be placed at once; leaving it stops only the processes it started.
+Every node is told the swarm's validators (``--validator``): the swarm's configuration is the network's
+list of trusted validators, as a real network's config.toml would be.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ class LocalSwarm:
             time.sleep(0.1)
 
     def _wait_joined(self) -> None:
-        """Until every validator lists every worker as live, and every worker knows every validator."""
+        """Until every validator lists every worker as live and checked, and every worker knows every
+        validator."""
         workers = {w.peer_id for w in self.workers}
         validators = {v.peer_id for v in self.validators}
         deadline = time.monotonic() + self.ready_timeout_s
@@ -249,13 +251,13 @@ class LocalSwarm:
                     missing.append((node, f"did not answer on its status endpoint ({exc})"))
                     continue
                 if node.role == "validator":
-                    lacking = workers - {w["peer_id"] for w in status["workers"]}
+                    lacking = workers - {w["peer_id"] for w in status["workers"] if w.get("capacity_check")}
                     what = "worker"
                 else:
                     lacking = validators - {v["peer_id"] for v in status["validators"]}
                     what = "validator"
                 if lacking:
-                    missing.append((node, f"does not list {what}(s) {', '.join(sorted(lacking))}"))
+                    missing.append((node, f"does not list (and check) {what}(s) {', '.join(sorted(lacking))}"))
             if not missing:
                 return
             if time.monotonic() > deadline:

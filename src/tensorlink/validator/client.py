@@ -44,12 +44,15 @@ def _check_plan(request: JobRequest, plan: JobPlan, validator: str) -> None:
     """A plan that does not answer this request is refused here rather than half-used later."""
     first = 1 if request.private else 0
     remote = list(range(first, first + request.workers))
+    peers = [p.peer_id for p in plan.placements]
     checks = (
         (plan.job == request.job, "it is for another job"),
         (plan.validator == validator, f"it names validator {plan.validator}"),
         (len(plan.unit_stage) == len(request.units), "its unit count differs from the request's"),
         (plan.n_stages == request.workers + 2 * first, f"it has {plan.n_stages} stages for {request.workers} workers"),
         (sorted(p.stage for p in plan.placements) == remote, "its placements are not one per remote stage"),
+        (len(set(peers)) == len(peers), "it names a worker for two stages"),
+        (not {request.owner, validator} & set(peers), "it names the owner or the validator itself as a worker"),
     )
     problems = [why for ok, why in checks if not ok]
     if problems:
