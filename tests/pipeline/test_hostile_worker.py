@@ -76,6 +76,21 @@ class Pipeline:
 
         return self.owner.call(run)
 
+    def step_and_backward(self, x: torch.Tensor) -> torch.Tensor:
+        """A forward, then a backward from the owner's output gradient: the gradient of ``x`` comes back."""
+        name = self.driver.programs["train"].split.user_inputs[0]
+
+        async def run() -> torch.Tensor:
+            result = await self.driver.run(
+                "train", [x], mode="later", training=True, loss_output=0, to_user=[0], grad_to_user=[name],
+                micro_batches=MICRO_BATCHES,
+            )  # fmt: skip
+            out_grad = {0: torch.ones_like(result.outputs[0])}
+            grads = await self.driver.backward("train", result, out_grad, [name], [x], MICRO_BATCHES)
+            return grads[name]
+
+        return self.owner.call(run)
+
 
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -220,3 +235,18 @@ def test_a_worker_that_sends_wrong_outputs(pipeline: Pipeline, monkeypatch: Any,
     with pytest.raises(PipelineError, match=f"{pipeline.worker.peer_id} sent a wrong USER_OUT frame of step 1") as info:
         pipeline.step(torch.randn(4, 8))
     assert re.search(expected, str(info.value)), str(info.value)
+
+
+def test_a_worker_that_sends_a_wrong_input_gradient(pipeline: Pipeline, monkeypatch: Any) -> None:
+    """Gradients sent back to the owner are checked too: the shape of the input they belong to."""
+    x = torch.randn(4, 8)
+    reference = x.clone().requires_grad_(True)
+    model()(reference).sum().backward()
+    assert torch.allclose(pipeline.step_and_backward(x), reference.grad, atol=1e-6)
+
+    def send(self: StageRuntime, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
+        HONEST_SEND(self, role, lane, step, mb, idx, tensor[:, :4] if lane == Lane.USER_GRAD else tensor)
+
+    monkeypatch.setattr(StageRuntime, "_send", send)
+    with pytest.raises(PipelineError, match=r"sent a wrong USER_GRAD frame of step 2.* is float32 \[2, 4\], expected"):
+        pipeline.step_and_backward(x)

@@ -244,6 +244,9 @@ class Job:
                 raise
             raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {describe(exc)}") from exc
         if isinstance(reply, Failed):
+            refused = ref.link.mailbox.error if ref.peer is not None else None
+            if refused is not None:  # the stage failed because this side closed its link: say why
+                raise PipelineError(f"{ref.where}: {refused}")
             raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {reply.message} ({reply.code})")
         assert isinstance(reply, Done)
         return reply
