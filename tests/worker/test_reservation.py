@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tensorlink.ir import capture
-from tensorlink.pipeline.links import Lane, LocalLink
+from tensorlink.pipeline.links import FrameRefused, Lane, LocalLink
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import InputSlot, OutputSlot, RunStep
 from tensorlink.worker.assignments import Assignments
@@ -118,3 +118,17 @@ async def test_micro_batches_kept_for_backward_count_against_the_reservation(pro
         (error,) = error.exceptions  # type: ignore[attr-defined]
     assert isinstance(error, StageError) and error.code == "over_reservation", error
     assert re.search(r"micro-batch [1-3] of step 1 would bring this stage to \d+ bytes, over", str(error))
+
+
+async def test_frames_buffered_on_a_link_count_against_the_reservation(program: bytes) -> None:
+    """A peer pushing frames nobody reads fills what the stage's reservation leaves free, and no more."""
+    rt = runtime(FixedReservation(16 * MIB))
+    rt.load("train", program, [], [])
+    owner, mine = LocalLink.pair()
+    rt.links["user"] = mine
+    mine.mailbox.room = rt.frame_room
+    free = 16 * MIB - rt.needed(reserve=False)
+    with pytest.raises(FrameRefused, match=r"of 262144 bytes, over the \d+ bytes left to buffer"):
+        for step in range(16 * MIB // (256 << 10)):
+            await owner.send(Lane.FWD, step, 0, 0, torch.zeros(64 << 10))
+    assert free - (256 << 10) < mine.mailbox.buffered_bytes <= free

@@ -64,6 +64,8 @@ class Mailbox:
         self._expected: dict[Key, Check] | None = {} if strict else None
         self.error: str | None = None
         self.buffered_bytes = 0
+        # Bytes this mailbox may still take (a worker's stage: what its reservation has left); None: unbounded.
+        self.room: Callable[[], int] | None = None
 
     def expect(self, key: Key, check: Check) -> None:
         if self._expected is not None:
@@ -83,6 +85,8 @@ class Mailbox:
             wrong = check(tensor)
             if wrong is not None:
                 raise FrameRefused(f"a wrong {describe_key(key)}: {wrong}")
+        if self.room is not None and tensor.nbytes > (room := self.room()):
+            raise FrameRefused(f"a {describe_key(key)} of {tensor.nbytes} bytes, over the {room} bytes left to buffer")
         self._items[key] = tensor
         self.buffered_bytes += tensor.nbytes
         event = self._waiting.pop(key, None)

@@ -155,6 +155,7 @@ class StageRuntime:
         self.optimizer_copies = 0
         self.stash: dict[tuple[int, int], tuple[list[torch.Tensor], list[Any]]] = {}
         self.stash_bytes: dict[tuple[int, int], int] = {}  # what each kept micro-batch is charged (see _forward)
+        self.running = 0  # what the forward running now, kept for no backward, is charged
         self.fused: FusedGrads | None = None
         self.steps_run = 0
         self._sends: trio.Nursery | None = None
@@ -405,8 +406,11 @@ class StageRuntime:
         def compute() -> list[Any]:
             self._charge(module, values, (cmd.step, mb), keep)  # in this thread: counting a new shape takes a while
             torch.manual_seed(seed)
-            with torch.set_grad_enabled(keep):
-                out = module(*values)
+            try:
+                with torch.set_grad_enabled(keep):
+                    out = module(*values)
+            finally:
+                self.running = 0
             return list(out) if isinstance(out, tuple) else [out]
 
         outputs = await trio.to_thread.run_sync(compute)
@@ -456,13 +460,20 @@ class StageRuntime:
         shapes (counted on meta, IRError past the program's bound), twice when kept for backward (its values
         stay, and backward makes a gradient of each), plus what is held and the frames buffered on its links."""
         forward = module.memory_at([list(v.shape) for v in values]) * (2 if keep else 1)
-        buffered = sum(
-            getattr(getattr(link, "mailbox", None), "buffered_bytes", 0)  # links that buffer report their bytes
-            for link in {id(x): x for x in self.links.values()}.values()
-        )
-        self._require(self.needed(reserve=False) + forward + buffered, f"micro-batch {key[1]} of step {key[0]}")
+        held = self.needed(reserve=False) + self._buffered()
+        self._require(held + forward, f"micro-batch {key[1]} of step {key[0]}")
         if keep:
             self.stash_bytes[key] = forward
+        else:
+            self.running = forward
+
+    def _buffered(self) -> int:
+        return sum(link.mailbox.buffered_bytes for link in {id(x): x for x in self.links.values()}.values())
+
+    def frame_room(self) -> int:
+        """Bytes frames arriving on this stage's links may still take: its reservation less what it holds, the
+        forward running and the frames already buffered (links refuse a frame past it, see Mailbox.room)."""
+        return self.reservation.held() - self.needed(reserve=False) - self.running - self._buffered()
 
     def _send(self, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
         assert self._sends is not None

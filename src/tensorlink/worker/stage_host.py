@@ -250,6 +250,7 @@ class StageHost:
         assert self._nursery is not None
         audit = Audit() if self.audit and peer == session.assign.owner else None
         link = ChannelLink(channel, session.assign.job, audit)
+        link.mailbox.room = session.runtime.frame_room  # frames count against the stage's reservation
         self._nursery.start_soon(link.run)
         session.attach(peer, link)
 
