@@ -18,9 +18,9 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
-from tensorlink.p2p.streams import close_stream, read_record, write_message
+from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message, write_record
 from tensorlink.validator.trust import UNVERIFIED_GFLOPS, CapacityCheck, ValidatorTrust
-from tensorlink.wire.messages import WorkerCapability
+from tensorlink.wire.messages import ErrorReply, WorkerCapability
 from tensorlink.worker import challenge as ch
 
 GIB = 1 << 30
@@ -119,3 +119,21 @@ async def test_only_trusted_validators_may_challenge_and_unchecked_claims_count_
             assert credited is not None and credited.gflops == UNVERIFIED_GFLOPS
             assert credited.memory_bytes == credited.free_memory_bytes == 256 * GIB  # the plausibility bound
             assert check.credited(claim(worker, memory=1000 * GIB, device="cuda")).memory_bytes == 192 * GIB  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (b"\xc1\xc1", "malformed challenge message"),
+        (msgspec.msgpack.encode(ch.CapacityAnswer(rows=bytes(ch.N * ch.ROW_DIGEST_BYTES))), "more than 128"),
+        (msgspec.msgpack.encode(ErrorReply(code="x", message="")), "expected a CapacityChallenge"),
+        (b"\x81\xa4kind\xb2capacity_challenge", "malformed challenge message"),  # no seed, no rounds
+    ],
+)
+async def test_bad_challenges_get_a_named_error(tmp_path: Path, record: bytes, why: str) -> None:
+    with trio.fail_after(30):
+        async with two_hosts(tmp_path, honest_handler([validator_id(tmp_path)])) as (host, _, worker):
+            stream = await open_stream(host, worker, ch.CHALLENGE_PROTOCOL)
+            await write_record(stream, record)
+            reply = ch.decode(await read_record(stream, 4096))
+            assert isinstance(reply, ErrorReply) and reply.code == "bad_request" and why in reply.message, reply

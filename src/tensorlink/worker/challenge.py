@@ -107,8 +107,18 @@ def challenge_handler(device: str, validators: ValidatorRule) -> Callable[[Any],
     ``validators`` get an answer, and one at a time: the worker's CPU is for stages."""
     busy = trio.Lock()
 
+    async def answer(peer: str, msg: Any) -> CapacityAnswer | ErrorReply:
+        if not isinstance(msg, CapacityChallenge):
+            return ErrorReply(code="bad_request", message=f"expected a CapacityChallenge, got {type(msg).__name__}")
+        await validators.learn(peer)
+        if not validators.trusts(peer):
+            return ErrorReply(code="not_a_validator", message=validators.refusal(peer)[:1024])
+        if busy.locked():
+            return ErrorReply(code="busy", message="this worker is answering another challenge; ask again later")
+        async with busy:
+            return await trio.to_thread.run_sync(solve, msg, device)
+
     async def handle(stream: Any) -> None:
-        peer = remote_peer(stream)
         reply: CapacityAnswer | ErrorReply
         try:
             with trio.fail_after(READ_TIMEOUT_S):
@@ -116,17 +126,7 @@ def challenge_handler(device: str, validators: ValidatorRule) -> Callable[[Any],
         except (StreamError, WireError, trio.TooSlowError) as exc:
             reply = ErrorReply(code="bad_request", message=str(exc)[:1024] or "timeout")
         else:
-            if not isinstance(msg, CapacityChallenge):
-                reply = ErrorReply(
-                    code="bad_request", message=f"expected a CapacityChallenge, got {type(msg).__name__}"
-                )
-            elif not (await validators.learn(peer) or validators.trusts(peer)):
-                reply = ErrorReply(code="not_a_validator", message=validators.refusal(peer)[:1024])
-            elif busy.locked():
-                reply = ErrorReply(code="busy", message="this worker is answering another challenge; ask again later")
-            else:
-                async with busy:
-                    reply = await trio.to_thread.run_sync(solve, msg, device)
+            reply = await answer(remote_peer(stream), msg)
         try:
             await write_message(stream, reply)
         finally:
