@@ -78,6 +78,8 @@ def test_a_self_declared_validator_is_ignored(start_node: Callable[..., NodeProc
         node.wait_ready()
     assert "validators:   trusted: config list of 1" in worker.output
     assert "validators:   trusted: none (no trusted validators are configured" in bare.output
+    assert "this worker will refuse every stage: no trusted validators are configured" in bare.output
+    assert "will refuse every stage" not in worker.output
     assert worker.status()["trusted_validators"] == "config list of 1"
 
     # The impostor's record is seen, and marked untrusted, by the trusted validator and by the worker.

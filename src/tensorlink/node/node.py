@@ -30,7 +30,7 @@ from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, 
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
 from tensorlink.transport import ChannelService, TransportConfig
 from tensorlink.validator.service import JOB_PROTOCOL, JobService
-from tensorlink.validator.trust import CapacityCheck, ValidatorTrust
+from tensorlink.validator.trust import NO_RULE_HINT, CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
 from tensorlink.worker.assignments import ASSIGN_PROTOCOL, Assignments, assign_handler
 from tensorlink.worker.challenge import CHALLENGE_PROTOCOL, challenge_handler
@@ -229,6 +229,8 @@ class Node:
             if joined.is_set():
                 await self._check_reachability()
             self._print_banner(port)
+            if self.assignments is not None and not self.trust.listed and self.staked is None:
+                log.warning("this worker will refuse every stage: %s", NO_RULE_HINT)
             nursery.start_soon(self._reachability_forever)
             nursery.start_soon(self._publish_forever)
             nursery.start_soon(self._heartbeat_forever)
