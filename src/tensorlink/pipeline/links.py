@@ -64,8 +64,9 @@ class Mailbox:
         self._expected: dict[Key, Check] | None = {} if strict else None
         self.error: str | None = None
         self.buffered_bytes = 0
-        # Bytes this mailbox may still take (a worker's stage: what its reservation has left); None: unbounded.
-        self.room: Callable[[], int] | None = None
+        # Bytes this mailbox may still take, asked with the size of an arriving frame (a worker's stage: what its
+        # reservation has left, or can grow to); None: unbounded.
+        self.room: Callable[[int], int] | None = None
 
     def expect(self, key: Key, check: Check) -> None:
         if self._expected is not None:
@@ -85,7 +86,7 @@ class Mailbox:
             wrong = check(tensor)
             if wrong is not None:
                 raise FrameRefused(f"a wrong {describe_key(key)}: {wrong}")
-        if self.room is not None and tensor.nbytes > (room := self.room()):
+        if self.room is not None and tensor.nbytes > (room := self.room(tensor.nbytes)):
             raise FrameRefused(f"a {describe_key(key)} of {tensor.nbytes} bytes, over the {room} bytes left to buffer")
         self._items[key] = tensor
         self.buffered_bytes += tensor.nbytes

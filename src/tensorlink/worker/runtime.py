@@ -470,10 +470,16 @@ class StageRuntime:
     def _buffered(self) -> int:
         return sum(link.mailbox.buffered_bytes for link in {id(x): x for x in self.links.values()}.values())
 
-    def frame_room(self) -> int:
-        """Bytes frames arriving on this stage's links may still take: its reservation less what it holds, the
-        forward running and the frames already buffered (links refuse a frame past it, see Mailbox.room)."""
-        return self.reservation.held() - self.needed(reserve=False) - self.running - self._buffered()
+    def frame_room(self, nbytes: int) -> int:
+        """Bytes frames arriving on this stage's links may still take, after growing the reservation to fit a
+        frame of ``nbytes`` where the worker has room (a program larger than was declared arrives this way): the
+        reservation less what the stage holds, the forward running and the frames already buffered. A link
+        refuses a frame past it (Mailbox.room)."""
+        used = self.needed(reserve=False) + self.running + self._buffered()
+        held = self.reservation.held()
+        if used + nbytes > held:
+            held = self.reservation.grow(used + nbytes)
+        return held - used
 
     def _send(self, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
         assert self._sends is not None

@@ -84,7 +84,7 @@ class AssignedReservation:
         return 0 if assign is None else assign.memory_bytes
 
     def grow(self, needed: int) -> int:
-        return self.assignments.grow(self.job, min(needed, self.limit))
+        return self.assignments.grow(self.job, needed) if needed <= self.limit else self.held()
 
     def ceiling(self) -> int:
         return min(self.limit, self.held() + self.assignments.unreserved_bytes())
