@@ -112,7 +112,7 @@ class Assignments:
             )
         if old is None and len(self._entries) >= MAX_ASSIGNMENTS:
             return ErrorReply(code="too_many_stages", message=f"this worker holds {MAX_ASSIGNMENTS} stages already")
-        waiting = sum(1 for j, e in self._entries.items() if e.assign.owner == assign.owner and not e.claimed)
+        waiting = sum(1 for e in self._entries.values() if e.assign.owner == assign.owner and not e.claimed)
         if old is None and waiting >= self.max_unclaimed_per_owner:
             return ErrorReply(
                 code="too_many_pending",
