@@ -17,10 +17,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from tensorlink.chain import SNO, Chain, DeployParams, EmbeddedBackend
 from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
-from tensorlink.p2p.streams import close_stream, read_record, write_message
+from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message, write_record
 from tensorlink.validator import stake
 from tensorlink.validator.trust import ValidatorTrust
-from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned
+from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned, decode_message
 from tensorlink.worker.assignments import Assignments
 
 pytestmark = [pytest.mark.slow]
@@ -113,3 +113,15 @@ async def test_only_a_peer_that_proves_a_staked_account_is_obeyed(chain: Chain, 
             await trust.learn(p["staked"][1])
             assert not trust.trusts(p["staked"][1])
             assert "not in the validator set" in trust.refusal(p["staked"][1])
+
+
+@pytest.mark.parametrize("record", [b"\xc1\xc1", b"\x81\xa4kind\xafvalidator_proof", bytes(100)])
+async def test_a_bad_proof_request_gets_a_named_error(chain: Chain, tmp_path: Path, record: bytes) -> None:
+    with trio.fail_after(30):
+        async with peers(tmp_path, ["asker", "validator"]) as p:
+            rule = stake.StakedValidators(chain, p["validator"][0], chain.backend.accounts[1].key)
+            serve_protocol(p["validator"][0], stake.PROOF_PROTOCOL, rule.serve_proof)
+            stream = await open_stream(p["asker"][0], p["validator"][1], stake.PROOF_PROTOCOL)
+            await write_record(stream, record)
+            reply = decode_message(await read_record(stream, 4096))
+            assert isinstance(reply, ErrorReply) and reply.code == "bad_request", reply
