@@ -76,9 +76,12 @@ def _workspace(func: Any, args: tuple) -> int:
     return 0
 
 
-def _conv_out(size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any) -> list[int]:
-    def at(v: Any, i: int) -> int:
-        return int(v[i] if isinstance(v, list | tuple) and len(v) > 1 else v[0] if isinstance(v, list | tuple) else v)
+def _conv_out(size: Any, kernel: Any, stride: list[int], padding: list[int], dilation: list[int]) -> list[int]:
+    """Output spatial sizes of aten.convolution (its stride, padding and dilation lists hold one value per spatial
+    dim, or one for all)."""
+
+    def at(v: list[int], i: int) -> int:
+        return int(v[i] if len(v) > 1 else v[0])
 
     return [
         max(0, (s + 2 * at(padding, i) - at(dilation, i) * (k - 1) - 1) // max(1, at(stride, i)) + 1)
