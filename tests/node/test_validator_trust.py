@@ -127,12 +127,15 @@ def test_validators_are_peer_ids_in_the_config(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('chain_key_file = "key"\n')
     with pytest.raises(ConfigError, match="chain_key_file needs a chain"):
         load_config(tmp_path, {})
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorlink.node", "--data-dir", str(tmp_path / "n"), "--status-port", "0",
-         "--chain-rpc", "http://127.0.0.1:9", "--chain-deployment", str(tmp_path / "missing.json")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2 and "chain_deployment" in result.stderr and "Traceback" not in result.stderr
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text('{"chain_id": 31337, "token": "0x1", "staking": "0x2", "settlement": "0x3"}')
+    for file, why in ((tmp_path / "missing.json", "chain_deployment"), (deployment, "chain at http://127.0.0.1:9")):
+        result = subprocess.run(
+            [sys.executable, "-m", "tensorlink.node", "--data-dir", str(tmp_path / "n"), "--status-port", "0",
+             "--chain-rpc", "http://127.0.0.1:9", "--chain-deployment", str(file)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2 and why in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @asynccontextmanager
