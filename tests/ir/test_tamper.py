@@ -22,10 +22,12 @@ import re
 import runpy
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import models as M
+import msgspec
 import pytest
 import safetensors.torch
 import torch
@@ -35,7 +37,8 @@ from loaded_runner import flatten
 from torch import nn
 
 import tensorlink.ir.program as container
-from tensorlink.ir import CaptureError, IRError, StageProgram, capture, load
+from tensorlink.ir import CaptureError, IRError, StageProgram, capture, load, memory, schema
+from tensorlink.ir.argcheck import MAX_COST, check_call
 
 MAX_PROGRAM = getattr(container, "MAX_PROGRAM_BYTES", 16 << 20)
 MAX_MANIFEST = getattr(container, "MAX_MANIFEST_BYTES", 4096)
@@ -569,7 +572,7 @@ def test_too_many_nodes_is_refused(residual: bytes) -> None:
     def change(doc: dict) -> None:
         nodes = _nodes(doc)
         first = nodes[0]["name"]
-        nodes[1:1] = [node(f"pad{i}", "aten.alias.default", refs(first)) for i in range(100_001)]
+        nodes[1:1] = [node(f"pad{i}", "aten.alias.default", refs(first)) for i in range(schema.MAX_NODES + 1)]
 
     assert_refused(edit(residual, change), r"100000|100_000|length|nodes|too many|cap")
 
@@ -918,3 +921,279 @@ def test_round_trip_is_stable(residual: bytes) -> None:
     prog = StageProgram.from_bytes(residual)
     assert prog.to_bytes() == residual
     assert prog.tie_groups == []
+
+
+# --- arguments checked against each op's schema (tensorlink.ir.argcheck) -------------------------------------------
+
+
+def _creator_node(doc: dict, target: str) -> dict:
+    return _nodes(doc)[_index(doc, target)]
+
+
+def _set_kwarg(target: str, key: str, value: dict) -> Callable[[dict], Any]:
+    return lambda d: _creator_node(d, target)["kwargs"].__setitem__(key, value)
+
+
+def _set_arg(target: str, i: int, value: dict) -> Callable[[dict], Any]:
+    return lambda d: _creator_node(d, target)["args"].__setitem__(i, value)
+
+
+def _insert(*nodes: dict) -> Callable[[dict], Any]:
+    return lambda d: _nodes(d).__setitem__(slice(0, 0), list(nodes))
+
+
+def _list(*items: dict) -> dict:
+    return {"type": "list", "items": list(items)}
+
+
+NEW_ONES = "aten.new_ones.default"
+DTYPE_F32 = {"type": "dtype", "name": "float32"}
+# name -> (edit of the `creator` program, what the message must say): every one named its node, op and argument
+ARGUMENT_EDITS: dict[str, tuple[Callable[[dict], Any], str]] = {
+    # an int where an enum goes reached ATen as the enum: 27 made a uint16 tensor (outside the dtype table) and
+    # 1000 segfaulted the worker (tests/ir/test_op_fuzz.py runs that one in a child process)
+    "dtype as an integer": (_set_kwarg(NEW_ONES, "dtype", lit(27)), r"new_ones.*'dtype'.*dtype tag.*27"),
+    "layout as an integer": (_set_kwarg(NEW_ONES, "layout", lit(100)), r"'layout'.*layout tag"),
+    "memory format as an integer": (
+        _insert(node("c", "aten.clone.default", refs("x"), memory_format=lit(100))),
+        r"clone.*'memory_format'.*memory_format tag",
+    ),
+    "device as a string": (_set_kwarg(NEW_ONES, "device", lit("cpu")), r"'device'.*worker's own device.*'cpu'"),
+    "another GPU": (_set_kwarg(NEW_ONES, "device", lit("cuda:1")), r"'device'.*cuda:1"),
+    "page-locked memory": (_set_kwarg(NEW_ONES, "pin_memory", lit(True)), r"'pin_memory'.*reservation"),
+    "size past int64": (_set_arg(NEW_ONES, 1, _list(lit(2**63))), r"'size'.*integer in"),
+    "too many dims": (_set_arg(NEW_ONES, 1, _list(*[lit(1)] * 17)), r"'size'.*at most 16"),
+    "dim out of range": (_insert(node("u", "aten.unsqueeze.default", refs("x"), lit(10**6))), r"unsqueeze.*'dim'"),
+    "dim as a string": (_insert(node("u", "aten.unsqueeze.default", refs("x"), lit("0"))), r"'dim'.*integer"),
+    "dim as a bool": (_insert(node("u", "aten.unsqueeze.default", refs("x"), lit(True))), r"'dim'.*integer"),
+    "string outside the op's choices": (
+        _insert(node("g", "aten.gelu.default", refs("x"), approximate=lit("__import__('os')"))),
+        r"gelu.*'approximate'.*\['none', 'tanh'\]",
+    ),
+    "reduction outside the enum": (
+        _insert(node("l", "aten.mse_loss.default", refs("x"), refs("x"), lit(7))),
+        r"mse_loss.*'reduction'.*\[0, 2\]",
+    ),
+    "keyword the op does not have": (_set_kwarg(NEW_ONES, "out", refs("x")), r"new_ones.default has no argument 'out'"),
+    "too many positional arguments": (
+        _insert(node("r", "aten.relu.default", refs("x"), refs("x"))),
+        r"relu.*at most 1 positional",
+    ),
+    "missing argument": (_insert(node("t", "aten.transpose.int", refs("x"), lit(0))), r"'dim1' is missing"),
+    "tensor as a string": (_insert(node("r", "aten.relu.default", lit("x"))), r"relu.*'self'.*tensor"),
+    "a tensor where a list of tensors goes": (
+        _insert(node("c", "aten.cat.default", refs("x"))),
+        r"cat.*'tensors'.*list of tensor",
+    ),
+    "a list where a tensor goes": (
+        _insert(node("r", "aten.relu.default", _list(refs("x")))),
+        r"relu.*'self'.*tensor",
+    ),
+    "a size where a tensor list goes": (
+        _insert(node("n", "aten.sym_size.int", refs("x"), lit(0)), node("c", "aten.cat.default", refs("n"))),
+        r"cat.*'tensors'.*reference to n",
+    ),
+    "a tensor where a size goes": (
+        _insert(node("a", "operator.add", refs("x"), lit(1))),
+        r"operator\.add.*'a'.*size",
+    ),
+    "a negative literal in size arithmetic": (
+        _insert(node("n", "aten.sym_size.int", refs("x"), lit(0)), node("m", "operator.mul", refs("n"), lit(-1))),
+        r"operator\.mul.*'b'.*\[0, ",
+    ),
+    "division by zero": (
+        _insert(node("n", "aten.sym_size.int", refs("x"), lit(0)), node("m", "operator.floordiv", refs("n"), lit(0))),
+        r"floordiv.*'b'.*\[1, ",
+    ),
+    "getitem with a computed index": (
+        _insert(
+            node("n", "aten.sym_size.int", refs("x"), lit(0)),
+            node("s", "aten.split.Tensor", refs("x"), lit(1)),
+            node("g", "operator.getitem", refs("s"), refs("n")),
+        ),
+        r"getitem.*'b'.*integer literal",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(ARGUMENT_EDITS))
+def test_argument_of_the_wrong_schema_type_is_refused(creator: bytes, kind: str) -> None:
+    change, match = ARGUMENT_EDITS[kind]
+    error = assert_refused(edit(creator, change), match)
+    assert re.search(r"node \w+: (aten|operator)\.", str(error)), f"the message names no node and op: {error}"
+
+
+def test_creation_without_a_device_is_dry_run_on_meta(creator: bytes) -> None:
+    """A creation op given no device defaults to torch's (the CPU): in the dry run it allocated and computed for
+    real (a 1.5 KB program took 324 s to load). Every device argument is the worker's, so on meta these 8192^2
+    products cost nothing; without that, the two 256 MiB matrices and their 5.5e11 multiply-adds take minutes."""
+
+    def change(doc: dict) -> None:
+        size = _list(lit(8192), lit(8192))
+        _nodes(doc)[0:0] = [
+            node("a", "aten.ones.default", size),
+            node("b", "aten.full.default", size, {"type": "float", "value": "0.5"}, dtype=DTYPE_F32),
+            node("ab", "aten.mm.default", refs("a"), refs("b")),
+            node("abab", "aten.mm.default", refs("ab"), refs("ab")),
+        ]
+
+    data = edit(creator, change)
+    started = time.perf_counter()
+    load(data)
+    assert time.perf_counter() - started < 10.0
+
+
+# --- validation time: the caps bound how long load() can take -------------------------------------------------
+
+TIMING_INPUTS = {
+    "flat": ("float32", [64]),
+    "q": ("float32", ["s0", 2, 8, 4]),
+    "logits": ("float32", [4, 5]),
+    "tgt": ("int64", [4]),
+    "img": ("float32", [2, 4, 6, 6]),
+    "vec": ("float32", [4]),
+    "long": ("float32", [4096]),
+}
+TIMING_PRELUDE = [
+    node("deep", "aten.view.default", refs("flat"), _list(*[lit(1)] * 10 + [lit(2)] * 6)),  # rank 16, the cap
+    node("wide", "aten.view.default", refs("long"), _list(lit(1024), lit(4))),
+]
+FLOAT = {"type": "float", "value": "0.5"}
+# The expensive calls within the caps: composites that decompose into many aten calls on meta, ops implemented by
+# Python references at the highest rank, the longest lists in and out, and diff at its highest order.
+EXPENSIVE: dict[str, dict] = {
+    "sdpa": node("n", "aten.scaled_dot_product_attention.default", refs("q"), refs("q"), refs("q"), lit(None),
+                 FLOAT, lit(True)),
+    "cross_entropy": node("n", "aten.cross_entropy_loss.default", refs("logits"), refs("tgt"), lit(None), lit(1),
+                          lit(-100), FLOAT),
+    "batch_norm": node("n", "aten.batch_norm.default", refs("img"), refs("vec"), refs("vec"), refs("vec"),
+                       refs("vec"), lit(True), FLOAT, FLOAT, lit(False)),
+    "group_norm": node("n", "aten.group_norm.default", refs("img"), lit(2), refs("vec"), refs("vec"), FLOAT,
+                       lit(False)),
+    "clamp_rank16": node("n", "aten.clamp.default", refs("deep"), FLOAT, FLOAT),
+    "tril_rank16": node("n", "aten.tril.default", refs("deep"), lit(1)),
+    "diff_order8": node("n", "aten.diff.default", refs("img"), lit(8), lit(-1), lit(None), lit(None)),
+    "cat_1024": node("n", "aten.cat.default", _list(*[refs("vec")] * 1024)),
+    "split_1024": node("n", "aten.split.Tensor", refs("wide"), lit(1)),
+}  # fmt: skip
+
+
+def _cost(call: dict) -> int:
+    kinds = dict.fromkeys([*TIMING_INPUTS, "deep", "wide"], "tensor")
+    return check_call(msgspec.convert(call, schema.Node), kinds).cost
+
+
+# The declared dynamic dims that make load() dry-run the most times (every corner of two ranges: 4 runs).
+TIMING_SYMBOLS = max(
+    ({f"s{k}": [1, 2] for k in range(n)} for n in range(1, 9)), key=lambda syms: len(memory.corners(syms))
+)
+TIMING_RUNS = len(memory.corners(TIMING_SYMBOLS))
+
+
+def copies_within(call: dict, budget: int) -> int:
+    """How many copies of ``call`` fit in ``budget`` units of dry run after the prelude, at TIMING_RUNS runs."""
+    return (budget // TIMING_RUNS - sum(_cost(n) for n in TIMING_PRELUDE)) // _cost(call)
+
+
+def timing_program(call: dict, copies: int) -> bytes:
+    """A program of ``copies`` independent copies of ``call``, with TIMING_SYMBOLS declared."""
+    doc = {
+        "ops_version": 1,
+        "captured_train": True,
+        "signature": {
+            "positional": len(TIMING_INPUTS),
+            "keywords": [],
+            "inputs": [{"dtype": dtype, "shape": shape} for dtype, shape in TIMING_INPUTS.values()],
+            "symbols": TIMING_SYMBOLS,
+            "output": "tuple",
+        },
+        "graph": {
+            "placeholders": [{"name": n, "kind": "input", "index": k} for k, n in enumerate(TIMING_INPUTS)],
+            "nodes": TIMING_PRELUDE + [{**call, "name": f"n{k}"} for k in range(copies)],
+            "outputs": [refs("n0")],
+        },
+    }
+    return pack(doc, safetensors.torch.save({}))
+
+
+def _load_seconds(data: bytes) -> float:
+    started = time.perf_counter()
+    load(data)
+    return time.perf_counter() - started
+
+
+UNIT_SECONDS = 0.8e-3  # one cost unit of one dry run, measured on a busy 2-core VM (0.25 ms when idle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPENSIVE))
+def test_expensive_calls_are_priced_by_their_dry_run_time(name: str) -> None:
+    """Each expensive call, repeated to about 1/25 of the cost cap, validates within 4x UNIT_SECONDS per unit it
+    is charged: the price list (tensorlink.ir.ops.DRY_RUN_WEIGHT, argcheck's charges per list item and output)
+    follows what the dry run does."""
+    call = EXPENSIVE[name]
+    copies = max(1, copies_within(call, MAX_COST // 25))
+    data = timing_program(call, copies)
+    units = TIMING_RUNS * (sum(_cost(n) for n in TIMING_PRELUDE) + copies * _cost(call))
+    load(data)  # lazy imports and first-call caches
+    seconds = min(_load_seconds(data) for _ in range(2))
+    assert seconds < 4 * UNIT_SECONDS * units, f"{name}: {seconds:.2f} s for {units} units"
+
+
+WORST_LOAD_SECONDS = 150.0
+
+
+@pytest.mark.slow
+def test_the_worst_program_within_the_caps_loads_in_bounded_time() -> None:
+    """The slowest call per unit of cost (clamp on a rank-16 tensor: a Python reference kernel at the highest
+    rank), repeated to the full cost cap with the most dry runs declared: about MAX_COST x UNIT_SECONDS,
+    measured 7-32 s on a shared 2-core VM (load average 4-5 at the slow end). The bound asserted and stated for
+    load() is WORST_LOAD_SECONDS = 150 s, about 5x the slow end. One more copy is refused before any dry run."""
+    worst = EXPENSIVE["clamp_rank16"]
+    copies = copies_within(worst, MAX_COST)
+    seconds = _load_seconds(timing_program(worst, copies))
+    print(f"worst program: {copies} x clamp on rank 16, {TIMING_RUNS} dry runs: loaded in {seconds:.1f} s")
+    assert seconds < WORST_LOAD_SECONDS
+
+    over = timing_program(worst, copies + 1)
+    started = time.perf_counter()
+    assert_refused(over, rf"cost .* units of dry run .* x {TIMING_RUNS} runs.*cap is")
+    assert time.perf_counter() - started < 2.0
+
+
+def test_a_split_into_millions_of_tensors_is_refused_quickly(creator: bytes) -> None:
+    """unbind and split by a size return as many tensors as the input's dim: an empty [2**31, 0] input made two
+    billion of them on meta (an hour of validation, and their memory counts as 0 bytes)."""
+
+    def change(doc: dict) -> None:
+        doc["signature"]["inputs"].append({"dtype": "float32", "shape": ["huge", 0]})
+        doc["signature"]["symbols"]["huge"] = [1, 2**31]
+        doc["signature"]["positional"] += 1
+        doc["graph"]["placeholders"].append({"name": "empty", "kind": "input", "index": 1})
+        _nodes(doc)[0:0] = [node("parts", "aten.unbind.int", refs("empty"))]
+
+    started = time.perf_counter()
+    assert_refused(edit(creator, change), r"unbind.*tensors; the cap is 1024")
+    assert time.perf_counter() - started < 5.0
+
+
+def test_state_of_too_many_dims_is_refused(residual: bytes) -> None:
+    def deep(t: dict) -> None:
+        t["mlp.0.weight"] = torch.zeros([1] * 17)
+
+    assert_refused(edit_weights(residual, deep), r"mlp\.0\.weight.*17 dims")
+
+
+def test_nodes_are_capped_across_all_graphs(creator: bytes) -> None:
+    """Grad-region subgraphs are graphs too: many subgraphs each under the per-graph cap are refused together."""
+
+    def change(doc: dict) -> None:
+        (sub,) = doc["subgraphs"].values()
+        first = sub["placeholders"][0]["name"]
+        for k in range(2):
+            doc["subgraphs"][f"extra{k}"] = {
+                **sub,
+                "nodes": [node(f"a{i}", "aten.alias.default", refs(first)) for i in range(schema.MAX_NODES // 2 + 1)],
+            }
+
+    assert_refused(edit(creator, change), rf"nodes in all its graphs; the cap is {schema.MAX_NODES}")

@@ -8,8 +8,8 @@ only from the fixed tables of tensorlink.ir.schema, a device only as the worker'
 to earlier nodes, integers in range (dims within MAX_RANK, nothing past int64), strings only from an op's known
 choices, and references only to values of the right kind (a tensor where a tensor goes, a size where a size goes).
 
-The same pass prices the dry run (``Checked.cost``, in units of about 100 us of meta work) so that the loader can
-refuse a program that would take too long to validate before it starts: see MAX_COST.
+The same pass prices the dry run (``Checked.cost``, tensorlink.ir.ops.DRY_RUN_WEIGHT) so that the loader can refuse
+a program that would take too long to validate before it starts: see MAX_COST.
 """
 
 from __future__ import annotations
@@ -29,10 +29,16 @@ from tensorlink.ir.ops import DRY_RUN_WEIGHT, PY_OPS, resolve
 TENSOR, TENSORS, INT, SEQ, ANY, NONE = "tensor", "tensors", "int", "seq", "any", "none"
 Kind = str
 
-MAX_RANK = 64  # dims of a tensor; a dim argument lies in [-MAX_RANK, MAX_RANK)
-MAX_INT_LIST = 2 * MAX_RANK  # sizes, strides, permutations; pad lists hold two ints per dim
+# Dims of any tensor (a dim argument lies in [-MAX_RANK, MAX_RANK), a size list holds at most MAX_RANK): meta
+# kernels written in Python slow down with the rank (clamp at rank 64 takes 10x its time at rank 4).
+MAX_RANK = 16
 MAX_OUTPUTS = 1024  # tensors one split/chunk/unbind may return
-MAX_COST = 100_000  # validation cost units (about 100 us of dry run each) a whole program may use
+# Dry-run cost a program may use: the cost of one run of its graph (grad regions counted each time they run) times
+# the number of dry runs load() makes (one per corner of the declared input ranges, tensorlink.ir.memory). A unit
+# is 0.25-0.8 ms of meta work on a 2-core VM (idle to busy), so validation takes at most 10-35 s there: see
+# tests/ir/test_tamper.py, the worst program within the caps. A 2-layer GPT-2 or Llama with batch and sequence
+# dynamic (4 runs) uses about 1,000-1,300, so a stage of 30-40 such layers fits.
+MAX_COST = 40_000
 INT64 = (-(2**63), 2**63 - 1)
 _ITEMS_PER_UNIT = 16  # list items (cat's inputs) or outputs (split's) that cost one unit
 
@@ -49,7 +55,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "padding_idx": (-(2**31), 2**31),
     "ignore_index": (-(2**31), 2**31),
 }
-_LIST_LENGTHS: dict[str, int] = {"split_sizes": MAX_OUTPUTS}
+_LIST_LENGTHS: dict[str, int] = {"split_sizes": MAX_OUTPUTS, "pad": 2 * MAX_RANK}  # pad: two ints per dim
 
 # String arguments: the values each op accepts (anything else is refused, whatever ATen would do with it).
 _STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
@@ -76,9 +82,7 @@ class _Call:
 
     def fail(self, arg: str, expected: str, got: s.Arg | None) -> IRError:
         shown = "nothing" if got is None else _describe(got, self.kinds)
-        return IRError(
-            f"node {self.node.name}: {self.node.target} argument {arg!r} must be {expected}, got {shown}"
-        )
+        return IRError(f"node {self.node.name}: {self.node.target} argument {arg!r} must be {expected}, got {shown}")
 
 
 def check_call(node: s.Node, kinds: Mapping[str, Kind]) -> Checked:
@@ -116,19 +120,35 @@ def check_call(node: s.Node, kinds: Mapping[str, Kind]) -> Checked:
 
 def bounded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn``, refusing (ValueError, an IRError once in the interpreter) a call that would return more than
-    MAX_OUTPUTS tensors: unbind and split by a size return as many as the input's dim allows, and on meta a
-    million of them cost a minute of validation."""
+    MAX_OUTPUTS tensors (unbind and split by a size return as many as the input's dim allows, and on meta a
+    million of them cost a minute of validation), or a tensor of more than MAX_RANK dims from the ops that add
+    dims whatever their literal arguments say."""
     count = _COUNTED_OUTPUTS.get(target)
-    if count is None:
-        return fn
+    if count is not None:
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        n = count(*args, **kwargs)
-        if n > MAX_OUTPUTS:
-            raise ValueError(f"{target} would return {n} tensors; the cap is {MAX_OUTPUTS}")
-        return fn(*args, **kwargs)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            n = count(*args, **kwargs)
+            if n > MAX_OUTPUTS:
+                raise ValueError(f"{target} would return {n} tensors; the cap is {MAX_OUTPUTS}")
+            return fn(*args, **kwargs)
 
-    return call
+        return counted
+    if target in _ADDS_DIMS:
+
+        def ranked(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if out.dim() > MAX_RANK:
+                raise ValueError(f"{target} made a tensor of {out.dim()} dims; the cap is {MAX_RANK}")
+            return out
+
+        return ranked
+    return fn
+
+
+def check_state_rank(name: str, tensor: torch.Tensor) -> None:
+    """Weights are tensors too: a program's state may not bring in more dims than its nodes could make."""
+    if tensor.dim() > MAX_RANK:
+        raise IRError(f"state tensor {name!r} has {tensor.dim()} dims; the cap is {MAX_RANK}")
 
 
 def _unbind_outputs(t: Any, dim: Any = 0) -> int:
@@ -145,6 +165,9 @@ _COUNTED_OUTPUTS: dict[str, Callable[..., int]] = {
     "aten.unbind.int": _unbind_outputs,
     "aten.split.Tensor": _split_outputs,
 }
+# Ops whose result can have more dims than any input and any size list: the rest stay within MAX_RANK because
+# their inputs and size lists do.
+_ADDS_DIMS = frozenset({"aten.unsqueeze.default", "aten.stack.default", "aten.index.Tensor", "aten.embedding.default"})
 
 
 @functools.cache
@@ -239,7 +262,7 @@ def _check_list(call: _Call, name: str, elem: Any, arg: s.Arg, n: int | None) ->
         return 0
     if not isinstance(arg, s.List):
         raise call.fail(name, "a list of integers", arg)
-    limit = _LIST_LENGTHS.get(name, MAX_INT_LIST)
+    limit = _LIST_LENGTHS.get(name, MAX_RANK)
     if len(arg.items) > limit:
         raise call.fail(name, f"a list of at most {limit} integers", arg)
     for item in arg.items:

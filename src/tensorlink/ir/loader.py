@@ -18,7 +18,7 @@ from safetensors.torch import load as read_safetensors  # the safetensors format
 
 from tensorlink.ir import memory
 from tensorlink.ir import schema as s
-from tensorlink.ir.argcheck import ANY, MAX_COST, SEQ, TENSOR, Kind, bounded, check_call
+from tensorlink.ir.argcheck import ANY, MAX_COST, SEQ, TENSOR, Kind, bounded, check_call, check_state_rank
 from tensorlink.ir.errors import IRError
 from tensorlink.ir.ops import (
     ATEN_OPS,
@@ -218,6 +218,8 @@ class StageModule(torch.nn.Module):
         declared = [*p.parameters, *p.buffers, *p.constants]
         if len(set(declared)) != len(declared) or set(declared) != set(tensors):
             raise IRError("the weights do not hold exactly the declared parameters, buffers and constants")
+        for name, tensor in tensors.items():
+            check_state_rank(name, tensor)
         if not set(p.storage_keys) <= set(p.parameters):
             raise IRError("storage keys name parameters the program does not declare")
         for group in p.tie_groups:  # one tensor under several names (a tied weight, a buffer also lifted as a constant)
@@ -239,10 +241,12 @@ class StageModule(torch.nn.Module):
             raise IRError(f"the program has {n_nodes} nodes in all its graphs; the cap is {s.MAX_NODES}")
         subgraphs = {name: _Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
         self._graph = _Graph(p.graph, subgraphs, known, n_inputs)
-        if self._graph.cost > MAX_COST:
+        runs = len(memory.corners(p.signature.symbols))
+        if self._graph.cost * runs > MAX_COST:
             raise IRError(
                 f"validating this program would cost {self._graph.cost} units of dry run (grad regions counted each "
-                f"time they run); the cap is {MAX_COST}: split the model into more stages"
+                f"time they run) x {runs} runs (corners of the declared input ranges); the cap is {MAX_COST}: "
+                "split the model into more stages or declare fewer dynamic dims"
             )
         for node_name, buffer in p.buffer_mutations.items():
             if buffer not in p.buffers or node_name not in {step.name for step in self._graph.steps}:

@@ -75,21 +75,31 @@ PY_OPS: dict[str, Callable[..., Any]] = {
     "operator.floordiv": operator.floordiv,
 }
 
-# What one call costs the load-time dry run, in units of about 100 us on the meta device (every other op: 1).
-# Measured on CPU with torch 2.13 (benchmarks/ir_fuzz.py --time-ops): composites that decompose into many aten
-# calls on meta (attention's math path, the losses, the norms) take 0.5-1.5 ms, linear and cumsum ~0.3 ms, and
-# diff loops its order (at most 8) times.
+# What one call costs one dry run, in the cost units of tensorlink.ir.argcheck.MAX_COST (any other op: 1), measured
+# on a 2-core VM with torch 2.13 (`python benchmarks/ir_fuzz.py --time-ops`, and the worst-case programs of
+# tests/ir/test_tamper.py): composites that decompose into many aten calls on meta (attention's math path, the
+# losses, the norms) and ops implemented by Python references (clamp, tril) cost 0.5-4 ms; diff loops its order.
 DRY_RUN_WEIGHT: dict[str, int] = {
+    "aten.cross_entropy_loss.default": 11,
+    "aten.scaled_dot_product_attention.default": 10,
+    "aten.clamp.default": 7,
+    "aten.batch_norm.default": 6,
+    "aten.group_norm.default": 5,
+    "aten.diff.default": 4,
     **dict.fromkeys(
         (
-            "aten.scaled_dot_product_attention.default", "aten.cross_entropy_loss.default",
-            "aten.batch_norm.default", "aten.group_norm.default", "aten.layer_norm.default",
-            "aten.rms_norm.default", "aten.nll_loss.default",
+            "aten.layer_norm.default", "aten.rms_norm.default", "aten.nll_loss.default", "aten.tril.default",
+            "aten.triu.default", "aten.clamp_min.default",
         ),
-        16,
+        3,
     ),
-    **dict.fromkeys(("aten.linear.default", "aten.cumsum.default", "aten.matmul.default"), 4),
-    "aten.diff.default": 10,
+    **dict.fromkeys(
+        (
+            "aten.log_softmax.int", "aten.mse_loss.default", "aten.gelu.default", "aten.arange.default",
+            "aten.arange.start", "aten.arange.start_step", "aten.cumsum.default", "aten.where.ScalarOther",
+        ),
+        2,
+    ),
 }  # fmt: skip
 
 # Higher-order op for regions that run with gradients switched (e.g. rotary embeddings under no_grad).

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-]+\Z")]
-MAX_NODES = 100_000
+MAX_NODES = 40_000  # in all graphs of a program; a 2-layer Llama is about 200, so a 126-layer one about 10,000
 MAX_ARGS = 64
 MAX_LIST = 4096
 
@@ -84,9 +84,7 @@ class Signature(msgspec.Struct, forbid_unknown_fields=True):
     positional: Annotated[int, msgspec.Meta(ge=0, le=MAX_ARGS)]
     keywords: Annotated[list[Name], msgspec.Meta(max_length=MAX_ARGS)]
     inputs: Annotated[list[InputSpec], msgspec.Meta(max_length=MAX_ARGS)]
-    symbols: dict[
-        Name, Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=2**31)]], msgspec.Meta(min_length=2, max_length=2)]
-    ]
+    symbols: Annotated[dict[Name, Range], msgspec.Meta(max_length=MAX_ARGS)]  # dynamic dims: load dry-runs corners
     output: Literal["tensor", "tuple", "dict"]
     output_keys: Annotated[list[Name], msgspec.Meta(max_length=MAX_LIST)] = []
 
