@@ -159,7 +159,7 @@ def test_a_worker_that_acknowledges_a_step_but_sends_no_output(pipeline: Pipelin
     message = str(info.value)
     assert f"stage 0 on {pipeline.worker.peer_id} sent no output for step 2 within " in message, message
     deadline = float(message.rsplit("within ", 1)[1].split(" s")[0])
-    assert 1.0 <= deadline < 30.0 and deadline - 0.5 < took < deadline + 5.0, (deadline, took)
+    assert deadline >= 1.0 and deadline - 0.5 < took < deadline + 5.0, (deadline, took)
 
 
 def test_a_worker_that_never_finishes_a_step(pipeline: Pipeline, monkeypatch: Any) -> None:
