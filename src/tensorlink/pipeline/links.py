@@ -78,7 +78,8 @@ class Mailbox:
             for key in [k for k in self._expected if k[0] == lane and k[1] == step]:
                 del self._expected[key]
 
-    def put(self, key: Key, tensor: torch.Tensor) -> None:
+    def put(self, key: Key, tensor: torch.Tensor, *, copy: bool = False) -> None:
+        """File ``tensor`` (a copy of it with ``copy``, made only once it passed the checks)."""
         if self._expected is not None:
             check = self._expected.pop(key, None)
             if check is None:
@@ -88,7 +89,7 @@ class Mailbox:
                 raise FrameRefused(f"a wrong {describe_key(key)}: {wrong}")
         if self.room is not None and tensor.nbytes > (room := self.room(tensor.nbytes)):
             raise FrameRefused(f"a {describe_key(key)} of {tensor.nbytes} bytes, over the {room} bytes left to buffer")
-        self._items[key] = tensor
+        self._items[key] = tensor.clone() if copy else tensor
         self.buffered_bytes += tensor.nbytes
         event = self._waiting.pop(key, None)
         if event is not None:
@@ -176,7 +177,7 @@ class ChannelLink:
                 if self.audit is not None:
                     self.audit.record(lane, tensor)
                 # Out of the channel's pool at once: a stage may keep activations for many micro-batches.
-                self.mailbox.put((lane, route.step, route.micro_batch, index), tensor.clone())
+                self.mailbox.put((lane, route.step, route.micro_batch, index), tensor, copy=True)
         except ChannelError as exc:
             self.mailbox.fail(f"channel to {self.channel.peer} closed: {exc.reason}")
         except FrameRefused as exc:
