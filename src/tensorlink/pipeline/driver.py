@@ -30,7 +30,7 @@ from tensorlink.ir import StageProgram, capture
 from tensorlink.ir.split import Split, profile, split
 from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.expect import checker, spec_like, value_spec
-from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_step_deadline_s
+from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_error, first_step_deadline_s
 from tensorlink.pipeline.links import NONE_MARKER, Lane, from_marker
 from tensorlink.validator.client import request_job
 from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
@@ -203,12 +203,12 @@ class Driver:
             data = part.program.to_bytes()
             inputs, outputs = slots(sp, ref.index)
             load = LoadProgram(key=key, size=len(data), inputs=inputs, outputs=outputs, prefix=program.prefix)  # type: ignore[arg-type]
-            await job.send_blob(ref, [torch.frombuffer(bytearray(data), dtype=torch.uint8)])
-            await job.command(ref, load)
+            await job.command(ref, load, send=[torch.frombuffer(bytearray(data), dtype=torch.uint8)])
 
-        async with trio.open_nursery() as n:
-            for ref in self.job.stages:
-                n.start_soon(one, ref)
+        with first_error():
+            async with trio.open_nursery() as n:
+                for ref in self.job.stages:
+                    n.start_soon(one, ref)
 
     # -- steps -------------------------------------------------------------------------------------------
 
@@ -453,8 +453,7 @@ class Driver:
             totals[name] = total
         for k, names in names_by_stage.items():
             ref = self.job.stages[k]
-            await self.job.send_blob(ref, [totals[n] for n in names])
-            await self.job.command(ref, SetGrads(names=names))
+            await self.job.command(ref, SetGrads(names=names), send=[totals[n] for n in names])
         self.tied_total = totals
 
     async def fetch(self, ref: StageRef, what: str, names: list[str]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +24,11 @@ from tensorlink.pipeline.links import ChannelLink, Lane, Link, LinkClosed, Local
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
-from tensorlink.wire.stage import Close, Done, Failed, StageMessage, StageOpen
+from tensorlink.wire.stage import Close, Done, Failed, RunBackward, RunStep, StageMessage, StageOpen
 from tensorlink.worker.runtime import FixedReservation
 from tensorlink.worker.stage_host import PROTOCOL, Session, describe, recv_stage, send_stage
 
 log = logging.getLogger(__name__)
-COMMAND_TIMEOUT_S = 600.0
 # A step's deadline: STEP_FACTOR x the slowest of the last RECENT_STEPS steps of the same program (per
 # input element, so a longer prompt gets longer), never under STEP_FLOOR_S; a program's first step gets
 # FIRST_STEP_S plus its cost at SLOW_FLOPS (3x the forward's FLOPs when training: forward and backward).
@@ -38,6 +37,13 @@ STEP_FACTOR = 10.0
 RECENT_STEPS = 16
 FIRST_STEP_S = 60.0
 SLOW_FLOPS = 1e9
+# Every other command's deadline: STEP_FACTOR x the slowest of the last RECENT_STEPS of its kind on its stage, never
+# under STEP_FLOOR_S (FIRST_COMMAND_S before any was measured), plus the bytes it moves at SLOW_BYTES_PER_S (a
+# 16 Mbit/s link). A program load is never measured (every program is new): LOAD_S covers its validation, whose
+# dry run the IR caps (tensorlink.ir.argcheck.MAX_COST: at most about 150 s on a slow machine), plus its bytes.
+FIRST_COMMAND_S = 60.0
+LOAD_S = 180.0
+SLOW_BYTES_PER_S = 2e6
 
 
 class PipelineError(RuntimeError):
@@ -87,6 +93,13 @@ class StepClock:
     def record(self, key: str, seconds: float, elements: int) -> None:
         self._per_element.setdefault(key, collections.deque(maxlen=RECENT_STEPS)).append(seconds / max(elements, 1))
 
+    def command_deadline_s(self, key: str, nbytes: int) -> float:
+        """For a command other than a step (``key``: its stage and kind) that moves ``nbytes``."""
+        if key.endswith(":LoadProgram"):
+            return LOAD_S + nbytes / SLOW_BYTES_PER_S
+        measured = self.deadline_s(key, 1)
+        return (FIRST_COMMAND_S if measured is None else measured) + nbytes / SLOW_BYTES_PER_S
+
 
 @dataclass
 class StageRef:
@@ -101,6 +114,11 @@ class StageRef:
     @property
     def where(self) -> str:
         return f"stage {self.index} ({'this machine' if self.peer is None else 'worker ' + self.peer[:12]})"
+
+    @property
+    def at(self) -> str:
+        """The stage and its whole worker id, as a missed deadline names them."""
+        return f"stage {self.index} on {self.peer}" if self.peer else f"stage {self.index} on this machine"
 
 
 class Job:
@@ -162,9 +180,12 @@ class Job:
     async def _open_stage(self, ref: StageRef) -> None:
         assert ref.peer is not None
         try:
-            ref.stream = await open_stream(self.client.host, ref.peer, PROTOCOL)
-            await send_stage(ref.stream, StageOpen(job=self.job, stage=ref.index))
-            reply = await recv_stage(ref.stream)
+            with self.bounded(ref, "StageOpen", 0):
+                ref.stream = await open_stream(self.client.host, ref.peer, PROTOCOL)
+                await send_stage(ref.stream, StageOpen(job=self.job, stage=ref.index))
+                reply = await recv_stage(ref.stream)
+        except PipelineError:
+            raise
         except (StreamError, WireError, OSError, Exception) as exc:
             raise PipelineError(f"{ref.where}: could not open the stage: {exc}") from None
         if isinstance(reply, Failed):
@@ -217,8 +238,21 @@ class Job:
             return PipelineError(f"step {step} did not finish within {seconds:.1f} s")
         index, what = waits[0]
         ref = self.stages[index]
-        where = f"stage {index} on {ref.peer}" if ref.peer else f"stage {index} on this machine (waiting for a worker)"
+        where = ref.at if ref.peer else f"{ref.at} (waiting for a worker)"
         return PipelineError(f"{where} {what} for step {step} within {seconds:.1f} s")
+
+    @contextmanager
+    def bounded(self, ref: StageRef, kind: str, nbytes: int, what: str = "") -> Iterator[None]:
+        """A command other than a step must finish within its deadline (StepClock.command_deadline_s), else
+        PipelineError naming the stage, its worker and the command; its time is measured for the next one."""
+        key = f"{ref.index}:{kind}"
+        seconds = self.clock.command_deadline_s(key, nbytes)
+        started = trio.current_time()
+        with trio.move_on_after(seconds) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise PipelineError(f"{ref.at} {what or 'did not answer ' + kind} within {seconds:.1f} s")
+        self.clock.record(key, trio.current_time() - started, 1)
 
     async def recv(self, ref: StageRef, lane: Lane, step: int, micro_batch: int, index: int, what: str) -> torch.Tensor:
         """A tensor the stage owes the owner; PipelineError when its link closed (e.g. on a refused frame)."""
@@ -228,16 +262,25 @@ class Job:
             except LinkClosed as exc:
                 raise PipelineError(f"{ref.where}: {exc}") from None
 
-    async def command(self, ref: StageRef, msg: StageMessage) -> Done:
-        """One command to one stage; its Done, or PipelineError."""
+    async def command(self, ref: StageRef, msg: StageMessage, send: Sequence[torch.Tensor] = ()) -> Done:
+        """One command to one stage, after the tensors ``send`` it reads (its BLOB); its Done, or PipelineError.
+        A step's commands are bounded by the step's deadline (Job.deadline), every other one by its own."""
+        if isinstance(msg, (RunStep, RunBackward)):
+            return await self._command(ref, msg)
+        with self.bounded(ref, type(msg).__name__, sum(t.nbytes for t in send)):
+            if send:
+                await self.send_blob(ref, send)
+            return await self._command(ref, msg)
+
+    async def _command(self, ref: StageRef, msg: StageMessage) -> Done:
         try:
-            with trio.fail_after(COMMAND_TIMEOUT_S), self.awaiting(ref, f"did not finish {type(msg).__name__}"):
+            with self.awaiting(ref, f"did not finish {type(msg).__name__}"):
                 if ref.local is not None:
                     reply = await ref.local.handle(msg)
                 else:
                     await send_stage(ref.stream, msg)
                     reply = await recv_stage(ref.stream)
-        except (StreamError, WireError, LinkClosed, trio.TooSlowError) as exc:
+        except (StreamError, WireError, LinkClosed) as exc:
             raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {exc}") from None
         except Exception as exc:
             if ref.local is None:
@@ -261,12 +304,13 @@ class Job:
             if msg is not None:
                 replies[i] = await self.command(ref, msg)
 
-        async with trio.open_nursery() as n:
-            for i, ref in enumerate(targets):
-                n.start_soon(one, i, ref)
+        with first_error():
+            async with trio.open_nursery() as n:
+                for i, ref in enumerate(targets):
+                    n.start_soon(one, i, ref)
         return [r if r is not None else Done() for r in replies]
 
-    async def send_blob(self, ref: StageRef, tensors: list[torch.Tensor]) -> None:
+    async def send_blob(self, ref: StageRef, tensors: Sequence[torch.Tensor]) -> None:
         """Tensors for the stage's next BLOB-reading command, in order (send before the command)."""
         seq = ref.blobs_out
         ref.blobs_out += 1
@@ -292,10 +336,9 @@ class Job:
             reply = await self.command(ref, msg)
             if len(reply.names) > most:
                 raise PipelineError(f"{ref.where} announced {len(reply.names)} tensors, more than its {most}")
-            with trio.fail_after(COMMAND_TIMEOUT_S):
+            kind = type(msg).__name__
+            with self.bounded(ref, f"{kind}:tensors", budget, f"did not send the tensors it announced for {kind}"):
                 got = [await self.recv(ref, Lane.BLOB, seq, 1, i, "sent no tensors") for i in range(len(reply.names))]
-        except trio.TooSlowError:
-            raise PipelineError(f"{ref.where} sent no tensors within {COMMAND_TIMEOUT_S:.0f} s") from None
         finally:
             ref.link.mailbox.retire(Lane.BLOB, seq)
         return reply, got
