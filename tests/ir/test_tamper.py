@@ -1122,7 +1122,7 @@ def _load_seconds(data: bytes) -> float:
     return time.perf_counter() - started
 
 
-UNIT_SECONDS = 0.8e-3  # one cost unit of one dry run, measured on a busy 2-core VM (0.45 ms when idle)
+UNIT_SECONDS = 0.8e-3  # one cost unit of one dry run, measured on a busy 2-core VM (0.25-0.45 ms when quiet)
 
 
 @pytest.mark.slow
@@ -1147,7 +1147,7 @@ WORST_LOAD_SECONDS = 150.0
 def test_the_worst_program_within_the_caps_loads_in_bounded_time() -> None:
     """The slowest call per unit of cost (clamp on a rank-16 tensor: a Python reference kernel at the highest
     rank), repeated to the full cost cap with the most dry runs declared: about MAX_COST x UNIT_SECONDS,
-    measured 17.5 s on an idle 2-core VM and 32 s at load average 4-5. The bound asserted and stated for
+    measured 9.5-17.5 s on a quiet 2-core VM and 32 s at load average 4-5. The bound asserted and stated for
     load() is WORST_LOAD_SECONDS = 150 s, about 5x the slow end. One more copy is refused before any dry run."""
     worst = EXPENSIVE["clamp_rank16"]
     copies = copies_within(worst, MAX_COST)

@@ -35,7 +35,7 @@ MAX_RANK = 16
 MAX_OUTPUTS = 1024  # tensors one split/chunk/unbind may return
 # Dry-run cost a program may use: the cost of one run of its graph (grad regions counted each time they run) times
 # the number of dry runs load() makes (one per corner of the declared input ranges, tensorlink.ir.memory). A unit
-# is 0.45-0.8 ms of meta work on a 2-core VM (idle to busy), so validation takes at most 18-35 s there: see
+# is 0.25-0.8 ms of meta work on a 2-core VM (idle to busy), so validation takes at most 10-35 s there: see
 # tests/ir/test_tamper.py, the worst program within the caps. Captured with batch and sequence dynamic (4 runs)
 # and their LM loss, a 12-layer GPT-2 uses 6,000 and a 12-layer Llama 3,900: stages of 80 and 120 such layers fit.
 MAX_COST = 40_000
