@@ -402,6 +402,11 @@ PYBIND11_MODULE(_C, m) {
            "payload bytes returns 0 at once (see incoming) so the payload can be moved in a thread.")
       .def_property_readonly("incoming", [](const PySealedSocket& s) { return s.sock.incoming(); },
                              "Payload bytes of the frame being received once its header is in, else 0.")
+      .def_property_readonly("header", [](const PySealedSocket& s) {
+        const FrameHeader* h = s.sock.header();
+        return h ? py::cast(*h) : py::object(py::none());
+      }, "The validated FrameHeader of the frame being received once it is in (its payload may still be "
+         "unread: pump with max_inline=0 to stop at every header), else None.")
       .def("take_frame", [](PySealedSocket& s) {
         auto [h, buf] = s.sock.take_frame();
         return py::make_tuple(h, buf ? py::cast(std::move(buf)) : py::none());

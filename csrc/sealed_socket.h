@@ -99,6 +99,9 @@ class SealedSocket {
   RecvStatus pump_recv(bool blocking, double timeout_s, const SignalCheck& on_signal, uint64_t max_inline = UINT64_MAX);
   // Payload bytes of the frame being received once its header is in, else 0.
   uint64_t incoming() const { return recv_have_header_ ? recv_h_.payload_len : 0; }
+  // The validated header of the frame being received once it is in (its payload may be unread), else null:
+  // with max_inline = 0 the caller sees every header before a payload buffer is taken for it.
+  const FrameHeader* header() const { return recv_have_header_ ? &recv_h_ : nullptr; }
   bool receiving() const { return recv_hdr_got_ > 0 || recv_buf_ != nullptr || ahead_pos_ < ahead_end_; }
   std::pair<FrameHeader, std::unique_ptr<PooledBuffer>> take_frame();
 

@@ -177,6 +177,19 @@ async def exchange(
     return got[0].tensor, got[0].route
 
 
+async def assert_node_unharmed(mesh: Mesh) -> None:
+    """The services that saw an attack still open channels between the same peers, both ways."""
+    for opener, acceptor in ((0, 1), (1, 0)):
+        a, b = await mesh.pair(opener, acceptor, job_id(3, 1))
+        x = torch.randn(1000)
+        got, _ = await exchange(a, b, x)
+        assert torch.equal(got, x)
+        got, _ = await exchange(b, a, x * 3)
+        assert torch.equal(got, x * 3)
+        await a.aclose()
+        await b.aclose()
+
+
 async def read_raw(sock: socket.socket, n: int) -> bytes:
     """Exactly n bytes straight from a (non-blocking) channel socket, bypassing the channel."""
     buf = bytearray()

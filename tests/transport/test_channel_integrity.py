@@ -10,9 +10,9 @@ import pytest
 import torch
 import trio
 from channel_helpers import (
-    Mesh,
     MeshFactory,
     assert_closed_in_status,
+    assert_node_unharmed,
     config_for,
     direct,
     exchange,
@@ -31,19 +31,6 @@ JOB = job_id(3)
 HEADER_RECORD = HEADER_SIZE + _C.SEAL_TAG  # a sealed frame header on the direct channel's wire
 TENSOR = torch.arange(64, dtype=torch.float32)  # 256 payload bytes: one sealed chunk
 FRAME_RECORDS = HEADER_RECORD + TENSOR.numel() * TENSOR.element_size() + _C.SEAL_TAG
-
-
-async def assert_node_unharmed(mesh: Mesh) -> None:
-    """The services that saw the attack still open channels between the same peers, both ways."""
-    for opener, acceptor in ((0, 1), (1, 0)):
-        a, b = await mesh.pair(opener, acceptor, job_id(3, 1))
-        x = torch.randn(1000)
-        got, _ = await exchange(a, b, x)
-        assert torch.equal(got, x)
-        got, _ = await exchange(b, a, x * 3)
-        assert torch.equal(got, x * 3)
-        await a.aclose()
-        await b.aclose()
 
 
 async def capture_record(sender: Channel, receiver: Channel) -> bytes:

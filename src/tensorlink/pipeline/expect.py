@@ -2,8 +2,9 @@
 
 The owner captured the whole program, so it knows every value's dtype and shape: fixed sizes, symbols
 bound by the inputs it sent, and size expressions bounded by the ranges seen at capture. A tensor from a
-worker is checked against that before anything uses it (exact dtype, exact rank, every dimension), so a
-worker cannot make the owner reshape, crash on or buffer something it never asked for.
+worker is checked against that from its frame's header, before its payload is read (exact dtype, exact
+rank, every dimension), so a worker cannot make the owner reshape, crash on, buffer or even allocate for
+something it never asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from tensorlink.ir import StageProgram
 from tensorlink.ir.split import _DTYPE
-from tensorlink.pipeline.links import Check
+from tensorlink.pipeline.links import Announced, Check
 
 MARKER_SHAPE = (0,)  # links.NONE_MARKER: a gradient that does not exist
 
@@ -55,14 +56,14 @@ def checker(
     of each expression; ``tail``: dim 1 cut to its last ``tail`` positions (generation); ``marker``: the
     empty "no gradient" tensor is allowed too."""
 
-    def check(tensor: torch.Tensor) -> str | None:
-        if marker and tuple(tensor.shape) == MARKER_SHAPE:
+    def check(frame: Announced) -> str | None:
+        if marker and frame.shape == MARKER_SHAPE:
             return None
-        got = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+        got = f"{str(frame.dtype).removeprefix('torch.')} {list(frame.shape)}"
         want = f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
-        if tensor.dtype != spec.dtype or tensor.dim() != len(spec.shape):
+        if frame.dtype != spec.dtype or len(frame.shape) != len(spec.shape):
             return f"{what} is {got}, expected {want}"
-        for axis, (size, dim) in enumerate(zip(tensor.shape, spec.shape, strict=True)):
+        for axis, (size, dim) in enumerate(zip(frame.shape, spec.shape, strict=True)):
             wrong = _dim_error(int(size), dim, sizes, ranges, tail if axis == 1 else 0)
             if wrong is not None:
                 return f"{what} is {got}, expected {want}: dim {axis} {wrong}"

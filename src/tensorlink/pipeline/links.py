@@ -4,6 +4,9 @@ A job has one data-plane channel per pair of peers; several kinds of traffic sha
 owner may also be its previous stage in private mode). Every frame's route says its lane and slot, a
 reader task files arriving tensors in a mailbox, and whoever needs one waits for its key, so the order
 in which frames arrive never matters. A LocalLink pair connects two stages in one process.
+
+The mailbox takes or refuses each frame from what its header announces (key, dtype, shape, bytes), before
+the channel reads its payload: a peer cannot make this side allocate for a frame it would refuse.
 """
 
 from __future__ import annotations
@@ -13,17 +16,17 @@ import enum
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import trio
 
-from tensorlink.transport import Channel, ChannelError
-from tensorlink.wire.frame import Route
+from tensorlink.transport import Channel, ChannelError, FrameRefused
+from tensorlink.wire.dtypes import dtype_of
+from tensorlink.wire.frame import FrameHeader, Route
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int, int, int]  # lane, step, micro-batch, index
-Check = Callable[[torch.Tensor], str | None]  # what is wrong with an arriving tensor, or None
 
 
 class Lane(enum.IntEnum):
@@ -40,8 +43,29 @@ class LinkClosed(Exception):
     """The link's channel failed; the message names the peer and why."""
 
 
-class FrameRefused(Exception):
-    """A frame nobody asked for (or one unlike what was asked for): the link that carried it closes."""
+class Announced(NamedTuple):
+    """What a frame carries, as its header announces it (or a local tensor is): enough to refuse it unread."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int  # of the tensor it decodes to, which is what a mailbox buffers
+
+    @staticmethod
+    def of_header(header: FrameHeader) -> Announced:
+        dtype = dtype_of(header.dtype)
+        return Announced(dtype, header.shape, header.numel * dtype.itemsize)
+
+    @staticmethod
+    def of_tensor(tensor: torch.Tensor) -> Announced:
+        return Announced(tensor.dtype, tuple(tensor.shape), tensor.nbytes)
+
+
+Check = Callable[[Announced], str | None]  # what is wrong with an arriving frame, or None
+
+
+def key_of(step: int, micro_batch: int, stage: int) -> Key:
+    """A mailbox key from a route's fields: its ``stage`` field packs the lane (top 8 bits) and the index."""
+    return stage >> 24, step, micro_batch, stage & 0xFFFFFF
 
 
 def describe_key(key: Key) -> str:
@@ -52,11 +76,12 @@ def describe_key(key: Key) -> str:
 
 
 class Mailbox:
-    """Tensors that arrived, by key, until someone takes them.
+    """Tensors that arrived, by key, until someone takes them. Each is first admitted (``admit``), from its
+    frame's header where it comes over a channel, then filed (``put``).
 
-    A strict mailbox (the owner's, facing workers it does not trust) takes only the keys announced with
+    A strict mailbox (the owner's, facing workers it does not trust) admits only the keys announced with
     ``expect``, each once and only when its check passes, so what it buffers is bounded by what the
-    schedule asked for; anything else raises FrameRefused."""
+    schedule asked for; anything else raises FrameRefused. ``room`` bounds the bytes any mailbox admits."""
 
     def __init__(self, *, strict: bool = False) -> None:
         self._items: dict[Key, torch.Tensor] = {}
@@ -78,19 +103,23 @@ class Mailbox:
             for key in [k for k in self._expected if k[0] == lane and k[1] == step]:
                 del self._expected[key]
 
-    def put(self, key: Key, tensor: torch.Tensor, *, copy: bool = False) -> None:
-        """File ``tensor`` (a copy of it with ``copy``, made only once it passed the checks)."""
+    def admit(self, key: Key, frame: Announced) -> None:
+        """Take the frame for ``key`` or raise FrameRefused, before its payload is read. Its bytes count as
+        buffered from here on (frames on their way count against ``room`` too)."""
         if self._expected is not None:
             check = self._expected.pop(key, None)
             if check is None:
                 raise FrameRefused(f"an unsolicited {describe_key(key)} (never asked for, or a duplicate)")
-            wrong = check(tensor)
+            wrong = check(frame)
             if wrong is not None:
                 raise FrameRefused(f"a wrong {describe_key(key)}: {wrong}")
-        if self.room is not None and tensor.nbytes > (room := self.room(tensor.nbytes)):
-            raise FrameRefused(f"a {describe_key(key)} of {tensor.nbytes} bytes, over the {room} bytes left to buffer")
+        if self.room is not None and frame.nbytes > (room := self.room(frame.nbytes)):
+            raise FrameRefused(f"a {describe_key(key)} of {frame.nbytes} bytes, over the {room} bytes left to buffer")
+        self.buffered_bytes += frame.nbytes
+
+    def put(self, key: Key, tensor: torch.Tensor, *, copy: bool = False) -> None:
+        """File an admitted ``tensor`` (a copy of it with ``copy``)."""
         self._items[key] = tensor.clone() if copy else tensor
-        self.buffered_bytes += tensor.nbytes
         event = self._waiting.pop(key, None)
         if event is not None:
             event.set()
@@ -160,24 +189,29 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 class ChannelLink:
-    """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames. ``strict``: take only
-    expected frames (see Mailbox); a refused one closes the link with the reason."""
+    """A link over a data-plane channel; ``run`` (in a nursery) files incoming frames. The mailbox screens each
+    frame by its header (the channel's acceptor); a refused one closes the link with the reason. ``strict``:
+    take only expected frames (see Mailbox)."""
 
     def __init__(self, channel: Channel, job: bytes, audit: Audit | None = None, *, strict: bool = False) -> None:
         self.channel = channel
         self.job = job
         self.mailbox = Mailbox(strict=strict)
         self.audit = audit
+        channel.set_acceptor(self._admit)
+
+    def _admit(self, header: FrameHeader) -> None:
+        self.mailbox.admit(key_of(header.step, header.micro_batch, header.stage), Announced.of_header(header))
 
     async def run(self) -> None:
         try:
             while True:
                 tensor, route = await self.channel.recv()
-                lane, index = route.stage >> 24, route.stage & 0xFFFFFF
+                key = key_of(route.step, route.micro_batch, route.stage)
                 if self.audit is not None:
-                    self.audit.record(lane, tensor)
+                    self.audit.record(key[0], tensor)
                 # Out of the channel's pool at once: a stage may keep activations for many micro-batches.
-                self.mailbox.put((lane, route.step, route.micro_batch, index), tensor, copy=True)
+                self.mailbox.put(key, tensor, copy=True)
         except ChannelError as exc:
             self.mailbox.fail(f"channel to {self.channel.peer} closed: {exc.reason}")
         except FrameRefused as exc:
@@ -216,7 +250,9 @@ class LocalLink:
         return a, b
 
     async def send(self, lane: Lane, step: int, micro_batch: int, index: int, tensor: torch.Tensor) -> None:
-        self.peer.mailbox.put((int(lane), step, micro_batch, index), tensor.detach().clone())
+        key, mailbox = (int(lane), step, micro_batch, index), self.peer.mailbox
+        mailbox.admit(key, Announced.of_tensor(tensor))
+        mailbox.put(key, tensor.detach().clone())
 
     async def recv(self, lane: Lane, step: int, micro_batch: int, index: int) -> torch.Tensor:
         return await self.mailbox.get((int(lane), step, micro_batch, index))

@@ -13,9 +13,17 @@ when no direct connection is possible the same API runs on the libp2p stream (``
 from __future__ import annotations
 
 from tensorlink.transport.channel import Channel
-from tensorlink.transport.errors import ChannelError, ChannelRefused
+from tensorlink.transport.errors import ChannelError, ChannelRefused, FrameRefused
 
-__all__ = ["PROTOCOL", "Channel", "ChannelError", "ChannelRefused", "ChannelService", "TransportConfig"]
+__all__ = [
+    "PROTOCOL",
+    "Channel",
+    "ChannelError",
+    "ChannelRefused",
+    "ChannelService",
+    "FrameRefused",
+    "TransportConfig",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import trio
 
 from tensorlink import _C
-from tensorlink.transport.errors import ChannelError
+from tensorlink.transport.errors import ChannelError, FrameRefused
 from tensorlink.transport.staging import DeviceStager
 from tensorlink.wire.compression import Compression
 from tensorlink.wire.frame import EncodedFrame, Frame, FrameHeader, Route, decode_payload, encode_frame
 
 NO_ROUTE = Route()
+# Screens a frame by its validated header before its payload is read (and before any buffer is taken for it):
+# returns to take the frame, raises FrameRefused to refuse it. Called once per frame, so keep it cheap.
+Acceptor = Callable[[FrameHeader], None]
 
 
 class Turn:
@@ -49,7 +53,10 @@ class Channel(abc.ABC):
 
     ``send`` and ``recv`` may run at the same time (one task each); several senders queue on a lock, so
     frames never interleave. A failure in either direction closes the whole channel, and every later call
-    raises ChannelError naming the first failure (``closed_reason``)."""
+    raises ChannelError naming the first failure (``closed_reason``).
+
+    With an acceptor (``set_acceptor``) the receiver decides from each frame's header whether it wants the
+    frame, so a peer cannot make it allocate for a frame it would refuse; a refusal closes the channel."""
 
     kind: ClassVar[str]
     cipher: str = "noise (libp2p)"  # what encrypts the bytes on the wire
@@ -69,6 +76,8 @@ class Channel(abc.ABC):
         self._send_turn = Turn()
         self._recv_turn = Turn()
         self._stagers: dict[torch.device, DeviceStager] = {}
+        self.accept: Acceptor | None = None
+        self._refusal: FrameRefused | None = None  # what closed the channel, if its acceptor did
 
     # --- the API -------------------------------------------------------------------------------------
 
@@ -93,7 +102,10 @@ class Channel(abc.ABC):
 
     async def recv(self, device: torch.device | str | None = None) -> Frame:
         """The next tensor and its route. The tensor lives in a pool buffer that returns to the pool when
-        the tensor is freed; with a CUDA ``device`` it is copied there on the copy stream."""
+        the tensor is freed; with a CUDA ``device`` it is copied there on the copy stream. FrameRefused when
+        the acceptor refused a frame (this one or an earlier one: the channel is closed)."""
+        if self._refusal is not None:
+            raise FrameRefused(str(self._refusal))
         self._check_open()
         await self._recv_turn.acquire()
         try:
@@ -105,6 +117,10 @@ class Channel(abc.ABC):
         if device is not None and torch.device(device).type == "cuda":
             tensor = self._stager(torch.device(device)).to_device(tensor)
         return Frame(tensor, route)
+
+    def set_acceptor(self, accept: Acceptor) -> None:
+        """Screen every frame not yet received by its header (see Acceptor)."""
+        self.accept = accept
 
     async def aclose(self) -> None:
         self._mark_closed("closed by this side")
@@ -152,6 +168,18 @@ class Channel(abc.ABC):
         if self.closed_reason is None:
             self.closed_reason = reason
             self.closed_at = time.time()
+
+    def _admit(self, header: FrameHeader) -> None:
+        """The acceptor's verdict on a frame whose payload is unread. A refusal marks the channel closed with a
+        reason naming the header and why, and propagates; the subclass then ends its transport."""
+        if self.accept is None:
+            return
+        try:
+            self.accept(header)
+        except FrameRefused as exc:
+            self._refusal = exc
+            self._mark_closed(f"refused {header!r}: {exc}")
+            raise
 
     def _check_open(self) -> None:
         if self.closed_reason is not None:

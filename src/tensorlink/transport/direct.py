@@ -5,6 +5,9 @@ INLINE_BYTES move on the event loop with non-blocking pumps, waiting for the soc
 frames never pay a thread hop (≈0.1–0.25 ms here, more than a loopback round trip); larger ones move in a
 worker thread with the GIL released, so the event loop and other channels keep running. Blocking on a
 slow receiver is ordinary TCP backpressure: there is no timer that could break the channel.
+
+With an acceptor the pumps stop at every header (max_inline=0), and the acceptor sees it before a payload
+buffer is taken: a refused frame closes the channel having cost this side no memory of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import trio
 
 from tensorlink import _C
 from tensorlink.transport.channel import Channel
+from tensorlink.transport.errors import FrameRefused
 from tensorlink.transport.keys import ChannelKeys
 from tensorlink.wire.frame import EncodedFrame, FrameHeader
 
@@ -78,6 +82,7 @@ class DirectChannel(Channel):
         # limiter, 40 sends blocked on slow peers would starve every other channel's receives.
         self._limiter = trio.CapacityLimiter(2)
         self._close_requested = False
+        self._screened = False  # whether the acceptor took the frame being received (its header is in)
         try:
             ip, port = sock.getpeername()[:2]
             self.remote = f"{ip}:{port}"
@@ -106,9 +111,15 @@ class DirectChannel(Channel):
         spin_until: float | None = None
         try:
             while True:
-                status = sealed.pump_recv(False, max_inline=INLINE_BYTES)
+                screen = self.accept is not None and not self._screened
+                status = sealed.pump_recv(False, max_inline=0 if screen else INLINE_BYTES)
                 if status == FRAME_READY:
                     break
+                if screen and sealed.incoming:  # a header is in, no buffer taken for its payload yet
+                    self._admit(sealed.header)
+                    self._screened = True
+                    if sealed.incoming <= INLINE_BYTES:
+                        continue  # the payload may wait in the read-ahead, not the socket: pump before waiting
                 if status == NEED_POOL or sealed.incoming > INLINE_BYTES:
                     await self._in_thread(sealed.pump_recv, True)
                     break
@@ -118,12 +129,19 @@ class DirectChannel(Channel):
                     await trio.lowlevel.checkpoint()  # other tasks run; this core stays awake and warm
                 else:
                     await trio.lowlevel.wait_readable(self._sock)  # cancelling here loses nothing
+            header, buffer = sealed.take_frame()
+            screened, self._screened = self._screened, False
+            if not screened:
+                self._admit(header)  # an empty payload (nothing was allocated), or an acceptor set mid-frame
         except trio.Cancelled:
+            raise
+        except FrameRefused:
+            self._close_fd()  # _admit recorded why
             raise
         except Exception as exc:
             self._break(str(exc))
             raise self._failed(exc) from exc
-        return sealed.take_frame()
+        return header, buffer
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking pump in a worker thread. Cancelling it breaks the channel: the thread is woken

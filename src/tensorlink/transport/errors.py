@@ -13,3 +13,9 @@ class ChannelError(ConnectionError):
 
 class ChannelRefused(ChannelError):
     """The peer refused to open a channel (it answered with an ErrorReply)."""
+
+
+class FrameRefused(Exception):
+    """A channel's acceptor refused a frame by its header, before its payload was read (a frame nobody asked
+    for, or unlike or larger than what was asked for). The channel closes, its reason naming the header, and
+    ``recv`` raises this."""

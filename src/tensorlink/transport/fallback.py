@@ -10,6 +10,10 @@ credit, outside Yamux, with no timer.
 Records on the stream: ``b"F"`` + 128-byte frame header + payload, or ``b"C"`` + 8-byte big-endian
 credit grant. Each side first grants its window; a frame larger than the window may be sent only when
 the receiver holds nothing else of ours (all credit back), so any frame up to max_payload gets through.
+
+The reader screens each header with the channel's acceptor before reading the payload. Frames that came
+before an acceptor was set (credit bounds them) are screened when taken; a frame larger than the window
+waits for an acceptor or a recv before its payload is read, so no frame is read unscreened past the window.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import trio
 from tensorlink import _C
 from tensorlink.p2p.host import reset_stream
 from tensorlink.p2p.streams import StreamError, close_stream, read_exactly
-from tensorlink.transport.channel import Channel
+from tensorlink.transport.channel import Acceptor, Channel
+from tensorlink.transport.errors import FrameRefused
 from tensorlink.wire.errors import ChecksumError, WireError
 from tensorlink.wire.frame import HEADER_SIZE, EncodedFrame, FrameHeader, decode_header
 
@@ -32,7 +37,8 @@ READ_PIECE = 1 << 20
 # 16 MiB is ~200 ms of what a libp2p stream carries (≈80 MB/s), far above its bandwidth-delay product,
 # and bounds what one channel can make its receiver buffer.
 DEFAULT_WINDOW = 16 << 20
-_Item = tuple[FrameHeader, Any, int] | BaseException  # (header, payload buffer, credit charged) or the error
+# (header, payload buffer, credit charged, whether the acceptor saw it) or the error
+_Item = tuple[FrameHeader, Any, int, bool] | BaseException
 
 
 class StreamChannel(Channel):
@@ -59,6 +65,7 @@ class StreamChannel(Channel):
         self._peer_window: int | None = None  # the peer's first grant: "all credit back"
         self._credit_changed = trio.Event()
         self._granted_unused = window  # bytes the peer may still send us
+        self._screening = trio.Event()  # set once an acceptor is set or recv is called: see the module docstring
         self._counts = {"bytes_sent": 0, "bytes_received": 0, "frames_sent": 0, "frames_received": 0}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -75,7 +82,7 @@ class StreamChannel(Channel):
                 else:
                     raise WireError(f"unknown record kind {kind!r} on the channel stream")
         except Exception as exc:
-            error = self._failed(exc)
+            error = exc if isinstance(exc, FrameRefused) else self._failed(exc)
             self._frames_in.send_nowait(error)
             self._credit_changed.set()
             with trio.CancelScope(shield=True):
@@ -96,6 +103,10 @@ class StreamChannel(Channel):
         size = 1 + HEADER_SIZE + header.payload_len
         if size > self._granted_unused and self._granted_unused != self._window:
             raise WireError(f"peer sent a {size}-byte frame with only {self._granted_unused} bytes of credit")
+        if size > self._granted_unused and self.accept is None:
+            await self._screening.wait()  # past what credit bounds: not read before it can be screened
+        screened = self.accept is not None
+        self._admit(header)
         charged = min(size, self._granted_unused)  # the sender charges its credit the same way
         self._granted_unused -= charged
         buffer: Any = None
@@ -116,7 +127,7 @@ class StreamChannel(Channel):
                 raise ChecksumError(f"payload checksum mismatch (corrupted in transit) in {header!r}")
         self._counts["bytes_received"] += size
         self._counts["frames_received"] += 1
-        return header, buffer, charged
+        return header, buffer, charged, screened
 
     async def _write(self, data: bytes) -> None:
         async with self._write_lock:
@@ -149,11 +160,23 @@ class StreamChannel(Channel):
         self._counts["bytes_sent"] += size
         self._counts["frames_sent"] += 1
 
+    def set_acceptor(self, accept: Acceptor) -> None:
+        super().set_acceptor(accept)
+        self._screening.set()
+
     async def _recv_frame(self) -> tuple[FrameHeader, Any]:
+        self._screening.set()
         item = await self._frames_out.receive()
         if isinstance(item, BaseException):
             raise item
-        header, buffer, charged = item
+        header, buffer, charged, screened = item
+        if not screened:
+            try:
+                self._admit(header)  # it came before the acceptor was set
+            except FrameRefused:
+                with trio.CancelScope(shield=True):
+                    await reset_stream(self._stream)
+                raise
         self._granted_unused += charged
         try:
             with trio.CancelScope(shield=True):  # the frame is taken: a cancel here must not drop it
