@@ -33,6 +33,9 @@ PROTOCOLS = [
     "/tensorlink/channel/1.0.0",
     "/tensorlink/stage/1.0.0",
     "/tensorlink/assign/1.0.0",
+    "/tensorlink/challenge/1.0.0",
+    "/tensorlink/job/1.0.0",
+    "/tensorlink/validator-proof/1.0.0",
     "/ipfs/id/1.0.0",
 ]
 PAYLOADS = [
