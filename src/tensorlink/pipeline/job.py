@@ -20,7 +20,7 @@ import trio
 
 from tensorlink.p2p.streams import StreamError, close_stream, open_stream
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.links import ChannelLink, Lane, Link, LinkClosed, LocalLink
+from tensorlink.pipeline.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
@@ -326,8 +326,8 @@ class Job:
         ref.blobs_in += 1
         left = [budget]
 
-        def within_budget(tensor: torch.Tensor) -> str | None:
-            left[0] -= tensor.nbytes
+        def within_budget(frame: Announced) -> str | None:
+            left[0] -= frame.nbytes
             return None if left[0] >= 0 else f"more than the {budget} bytes this stage's state can take"
 
         for i in range(most):
