@@ -75,6 +75,7 @@ bench: install contracts
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/ir.py
+	$(PY) benchmarks/ir_fuzz.py --cases 20000
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/gpu_overlap.py
 	$(PY) benchmarks/gas.py
