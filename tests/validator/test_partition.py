@@ -8,7 +8,6 @@ import random
 import pytest
 
 from tensorlink.pipeline.partition import (
-    ACTIVATION_FACTOR,
     PartitionError,
     WorkerSpec,
     partition,
@@ -115,10 +114,12 @@ def test_memory_limits_move_units_to_the_worker_that_can_hold_them() -> None:
         assert total.memory_bytes <= spec.free_memory_bytes
 
 
-def test_memory_counts_weights_grads_optimizer_state_and_activations() -> None:
+def test_memory_counts_weights_grads_optimizer_state_and_what_the_owner_declared() -> None:
+    """activation_bytes is everything else the owner declared a unit holds (partition.declare: kept forwards,
+    frames, buffers, step counters), as the worker charges it."""
     unit = UnitCost(1.0, 100, 10)
-    assert unit_memory(unit, optimizer_slots=2) == 100 * 4 + 10 * ACTIVATION_FACTOR
-    assert unit_memory(unit, optimizer_slots=0) == 100 * 2 + 10 * ACTIVATION_FACTOR
+    assert unit_memory(unit, optimizer_slots=2) == 100 * 4 + 10
+    assert unit_memory(unit, optimizer_slots=0) == 100 * 2 + 10
 
 
 def test_private_jobs_keep_the_first_and_last_unit_on_the_users_machine() -> None:

@@ -19,6 +19,7 @@ Placement rules:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from collections.abc import Iterator, Mapping
@@ -60,7 +61,13 @@ class Unit:
     params: tuple[str, ...]  # canonical parameter names (as in program.parameters)
     flops: float  # forward FLOPs of the nodes attributed to this unit, at the given input sizes
     param_bytes: int
-    activation_bytes: int  # bytes of the values those nodes produce (rough activation memory)
+    # What one forward of those nodes allocates at the given sizes, counted as a worker counts a stage's forward
+    # (tensorlink.ir.memory), with the size-only nodes they need, which the stage holding them rebuilds (rule 3)
+    activation_bytes: int
+    buffer_bytes: int = 0  # the program's buffers and constants: a stage may hold any of them
+    tied: tuple[str, ...] = ()  # parameters of earlier units these nodes use (a tied LM head): a stage copies them
+    tied_bytes: int = 0
+    boundary_bytes: int = 0  # per micro-batch, values crossing into and out of these nodes: a stage's frames
 
 
 @dataclass(frozen=True)
@@ -429,8 +436,11 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
     every node is attributed to the unit of the most recently first-used parameter, so reused weights (a tied LM
     head) count where they are used, not where they were first seen. Parameters no node uses form a last unit.
     FLOPs are counted by torch.utils.flop_counter on the meta device at ``sizes`` (symbol -> size), plus one FLOP
-    ELEMENT_COST per output element for ops it does not count (elementwise, norms, embedding gathers)."""
+    ELEMENT_COST per output element for ops it does not count (elementwise, norms, embedding gathers); memory by
+    the worker's allocation counter in the same run, so a stage's units add up to what its worker charges."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from tensorlink.ir.memory import AllocationCounter
 
     p = program.program
     a = _Analysis(p)
@@ -449,54 +459,104 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
 
     flops: dict[str, float] = {}
     nbytes: dict[str, int] = {}
+    value_bytes = {ph.name: _tensor_bytes(inputs[ph.index]) for ph in graph.placeholders if ph.kind == "input"}
     outer = [step.name for step in graph.steps]
     targets = {n.name: n.target for n in p.graph.nodes}
-    cursor, seen = 0, 0.0
+    cursor, seen, allocated = 0, 0.0, 0
     counter = FlopCounterMode(display=False)
+    allocations = AllocationCounter(1 << 62)
 
     def on_value(name: str, value: object) -> None:
-        nonlocal cursor, seen
+        nonlocal cursor, seen, allocated
         if cursor >= len(outer) or name != outer[cursor]:
             return  # a node inside a grad region: counted with the region node
         cursor += 1
         total = float(counter.get_total_flops())
-        size = _tensor_bytes(value)
         counted = total - seen
         seen = total
-        elements = size // max(1, _elem_size(value))
+        elements = _tensor_bytes(value) // max(1, _elem_size(value))
         flops[name] = counted if counted > 0 or targets[name] in _FREE else ELEMENT_COST * elements
-        nbytes[name] = size
+        nbytes[name] = allocations.total - allocated
+        allocated = allocations.total
+        value_bytes[name] = _tensor_bytes(value)
 
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, allocations:
         _MetaRunner(p)._run(graph, inputs, state, meta, p.captured_train, on_value)
 
     units: list[list[str]] = []
     work: list[list[float]] = []
+    rebuilt: list[set[str]] = []  # per unit: the size-only nodes its nodes need, which its stage rebuilds (rule 3)
+    starts: list[int] = []  # per unit: its first node
+    tied: list[dict[str, None]] = []  # per unit: parameters of earlier units its nodes use
+    needs: dict[str, set[str]] = {}  # a rebuilt node -> the rebuilt nodes it is built from, itself included
     seen_params: set[str] = set()
-    for n in a.nodes:
+    for i, n in enumerate(a.nodes):
         new = [q for q in a.direct_params[n.name] if q not in seen_params]
         if new:
             seen_params.update(new)
             units.append(new)
             work.append([0.0, 0.0])
+            rebuilt.append(set())
+            tied.append({})
+            starts.append(i)
         if not work:
             work.append([0.0, 0.0])  # nodes before any parameter: unit 0, created now and filled in later
             units.append([])
+            rebuilt.append(set())
+            tied.append({})
+            starts.append(0)
+        tied[-1].update(dict.fromkeys(q for q in a.direct_params[n.name] if q not in units[-1]))
         work[-1][0] += flops.get(n.name, 0.0)
-        work[-1][1] += nbytes.get(n.name, 0)
+        built = set().union(*(needs[r] for r in a.refs[n.name] if r in needs))
+        if n.name in a.rebuild:
+            needs[n.name] = built | {n.name}
+        else:
+            work[-1][1] += nbytes.get(n.name, 0)
+            rebuilt[-1] |= built
     if units and not units[0] and len(units) > 1:  # fold the leading parameterless work into the first real unit
         units.pop(0)
         lead = work.pop(0)
         work[0] = [work[0][0] + lead[0], work[0][1] + lead[1]]
+        rebuilt[1] |= rebuilt.pop(0)
+        tied.pop(0)  # a unit without parameters uses none
+        starts.pop(1)
+    cut = _cuts(a, value_bytes)
+    boundary = [cut[start] + cut[end] for start, end in zip(starts, [*starts[1:], len(a.nodes)], strict=True)]
     unused = [q for q in p.parameters if q not in seen_params]
     if unused:
         units.append(unused)
         work.append([0.0, 0.0])
+        rebuilt.append(set())
+        tied.append({})
+        boundary.append(0)
 
     def pbytes(names: list[str]) -> int:
         return sum(state[q].numel() * state[q].element_size() for q in names)
 
-    return [Unit(tuple(u), w[0], pbytes(u), int(w[1])) for u, w in zip(units, work, strict=True)]
+    buffers = pbytes([*p.buffers, *p.constants])
+    return [
+        Unit((*u,), w[0], pbytes(u), int(w[1]) + sum(nbytes.get(r, 0) for r in made), buffers, (*t,), pbytes([*t]), b)
+        for u, w, made, t, b in zip(units, work, rebuilt, tied, boundary, strict=True)
+    ]
+
+
+def _cuts(a: _Analysis, value_bytes: Mapping[str, int]) -> list[int]:
+    """``cut[i]``: bytes of the values made before node ``i`` (user inputs: before node 0) that node ``i`` or a later
+    one uses, or the model returns: what a stage starting at node ``i`` receives per micro-batch (rebuilt values
+    never travel), and the gradients a stage ending there receives back."""
+    index = {node.name: i for i, node in enumerate(a.nodes)}
+    last: dict[str, int] = {}
+    for i, node in enumerate(a.nodes):
+        for ref in a.refs[node.name]:
+            last[ref] = i
+    for name in a.outputs:
+        last[name] = len(a.nodes)
+    delta = [0] * (len(a.nodes) + 2)
+    for name, end in last.items():
+        if name in value_bytes and name not in a.rebuild:
+            delta[index.get(name, -1) + 1] += value_bytes[name]
+            delta[end + 1] -= value_bytes[name]
+    return list(itertools.accumulate(delta))
 
 
 _DTYPE = {n: getattr(torch, n) for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16",

@@ -32,8 +32,9 @@ from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.expect import checker, spec_like, value_spec
 from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_error, first_step_deadline_s
 from tensorlink.pipeline.links import NONE_MARKER, Lane, from_marker
+from tensorlink.pipeline.partition import declare
 from tensorlink.validator.client import request_job
-from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
+from tensorlink.wire.messages import JobPlan, JobRequest
 from tensorlink.wire.stage import (
     CommitGrads,
     GradSquares,
@@ -107,7 +108,8 @@ class Driver:
 
     def capture(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train: bool) -> Program:
         """Capture ``module`` as one program on an example micro-batch; HF models without their KV cache
-        (training and cache-less generation return no cache)."""
+        (training and cache-less generation return no cache). Its batch dim is declared up to the example's:
+        workers reserve memory for the declared maximum shapes, so the first micro-batch is the largest."""
         config = getattr(module, "config", None)
         use_cache = getattr(config, "use_cache", None)
         if use_cache:
@@ -119,7 +121,7 @@ class Driver:
                 args,
                 example_kwargs=kwargs,
                 max_seq_len=self.max_seq_len,
-                max_batch=max(64, batch),
+                max_batch=batch,
                 train=train,
             )
         finally:
@@ -164,16 +166,19 @@ class Driver:
                     sizes[dim] = int(size)
         return sizes
 
-    async def open(self, program: Program, inputs: Sequence[torch.Tensor]) -> None:
-        """Ask the validator for workers, split at its boundaries, open the job and load the stages."""
-        units = profile(program.whole, self.sizes(program.whole, inputs))
+    async def open(self, program: Program) -> None:
+        """Ask the validator for workers, split at its boundaries, open the job and load the stages. Units are
+        profiled at the declared maximum input shapes, where a worker counts a stage's forward."""
+        symbols = program.whole.program.signature.symbols
+        units = profile(program.whole, {name: high for name, (_, high) in symbols.items()})
+        slots = OPTIMIZER_SLOTS.get(self.optimizer_name, 2)
         request = JobRequest(
             job=self.job_id,
             owner=self.client.peer_id,
             workers=self.n_workers,
-            units=[UnitCost(u.flops, u.param_bytes, u.activation_bytes) for u in units],
+            units=[declare(u, optimizer_slots=slots, kept=self.micro_batches) for u in units],
             private=self.private,
-            optimizer_slots=OPTIMIZER_SLOTS.get(self.optimizer_name, 2),
+            optimizer_slots=slots,
             device=None,
         )
         self.plan = plan = await request_job(self.client.host, self.validator, request)

@@ -224,7 +224,7 @@ class OffloadedModel(torch.nn.Module):
             program = self.driver.capture(self.local, *example, train=self.training)
         except CaptureError as exc:
             raise OffloadError(f"the model cannot be captured for the workers: {exc}") from None
-        self.client.call(self.driver.open, program, [*first, *first_kw.values()])
+        self.client.call(self.driver.open, program)
         if self._optimizer is not None:
             self.client.call(self.driver.make_optimizer, *self._optimizer)
 
@@ -360,6 +360,14 @@ def _example(args: list[torch.Tensor], kwargs: dict[str, torch.Tensor]) -> tuple
     return tuple(widen(t) for t in args), {k: widen(t) for k, t in kwargs.items()}
 
 
+# Workers reserve memory for the largest micro-batch the first call had (driver.capture): a larger one later
+# would not fit what they reserved.
+WIDER_BATCH = (
+    " (the first call sets the largest micro-batch, which the workers reserved memory for: make the first call "
+    "with your largest batch, ask for more micro_batches in offload(), or offload a second copy for larger batches)"
+)
+
+
 def _check_shapes(program: Any, names: Sequence[str], inputs: Sequence[torch.Tensor], n_micro: int) -> None:
     """Refuse, before anything is sent, inputs the stages would refuse mid-step (the capture fixed each
     dim or its range: e.g. the sequence length up to max_seq_len)."""
@@ -376,6 +384,7 @@ def _check_shapes(program: Any, names: Sequence[str], inputs: Sequence[torch.Ten
                 raise OffloadError(
                     f"input {name!r} dim {d} is {size} per micro-batch; the model was captured for {low}..{high}"
                     + (" (raise max_seq_len in offload())" if d == 1 else "")
+                    + (WIDER_BATCH if d == 0 else "")
                 )
 
 

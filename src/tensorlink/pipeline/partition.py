@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tensorlink.ir.charge import forward_bytes, optimizer_bytes, training_bytes
 from tensorlink.wire.messages import UnitCost
 
-# Per unit, a stage holds its parameters, their gradients and ``optimizer_slots`` optimizer state copies,
-# plus activations saved for backward: ``activation_bytes`` is one micro-batch's worth, and a 1F1B stage
-# keeps up to this many micro-batches in flight (the schedule bounds micro-batches in flight to match).
-ACTIVATION_FACTOR = 4
+if TYPE_CHECKING:
+    from tensorlink.ir.split import Unit
+
 BISECTION_TOLERANCE = 1e-4  # relative gap between the bounds at which the bottleneck search stops
 
 
@@ -52,8 +53,23 @@ class StageTotals:
 
 
 def unit_memory(unit: UnitCost, optimizer_slots: int) -> int:
-    """Bytes one unit needs on the worker that holds it: weights, gradients, optimizer state, activations."""
-    return unit.param_bytes * (2 + optimizer_slots) + unit.activation_bytes * ACTIVATION_FACTOR
+    """Bytes one unit needs on the worker that holds it, as the worker charges them (tensorlink.ir.charge): its
+    parameters, their gradients and ``optimizer_slots`` optimizer copies, and ``activation_bytes``, everything
+    else the owner declared it holds (the micro-batches it keeps, buffers, optimizer step counters: declare)."""
+    return training_bytes(unit.param_bytes, 0, optimizer_slots) + unit.activation_bytes
+
+
+def declare(unit: Unit, *, optimizer_slots: int, kept: int) -> UnitCost:
+    """A unit as its owner declares it to a validator. ``unit`` was profiled at the program's declared maximum
+    input shapes, where the worker counts a forward; its ``activation_bytes`` on the wire are ``kept`` training
+    forwards of it (the micro-batches a stage may hold for backward) and ``kept`` micro-batches of the frames a
+    stage starting or ending at it buffers, the buffers, the optimizer's step counters and the training copies
+    of an earlier unit's parameters it uses (held again where it is another stage): with unit_memory, all that
+    the worker charges."""
+    held = forward_bytes(unit.activation_bytes, train=True, kept=kept) + kept * unit.boundary_bytes
+    held += unit.buffer_bytes + optimizer_bytes(0, len(unit.params), optimizer_slots)
+    held += training_bytes(unit.tied_bytes, len(unit.tied), optimizer_slots)
+    return UnitCost(unit.flops, unit.param_bytes, held)
 
 
 def stage_totals(units: Sequence[UnitCost], unit_stage: Sequence[int], *, optimizer_slots: int) -> list[StageTotals]:

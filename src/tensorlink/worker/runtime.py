@@ -20,6 +20,7 @@ import torch
 import trio
 
 from tensorlink.ir import StageModule, load
+from tensorlink.ir.charge import forward_bytes, optimizer_bytes
 from tensorlink.ir.memory import OverBound
 from tensorlink.pipeline.links import NONE_MARKER, Lane, Link, from_marker
 from tensorlink.pipeline.schedule import actions
@@ -44,10 +45,6 @@ HYPER_KEYS = frozenset(
     {"lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
      "maximize", "lr_decay", "initial_accumulator_value", "rho", "momentum_decay", "decoupled_weight_decay"}
 )  # fmt: skip
-
-
-# Per-parameter bookkeeping an optimizer keeps besides its state copies (a 0-dim ``step`` tensor and its header).
-STEP_BYTES = 64
 
 
 def optimizer_copies(name: str, hyper: dict[str, Any]) -> int:
@@ -218,8 +215,8 @@ class StageRuntime:
         params = list(programs["train"].parameters()) if "train" in programs else []
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         copies = self.optimizer_copies if copies is None else copies
-        optimizer = copies * param_bytes + (STEP_BYTES * len(params) if copies else 0)
-        activations = max((m.memory_bound * (2 if k == "train" else 1) for k, m in programs.items()), default=0)
+        optimizer = optimizer_bytes(param_bytes, len(params), copies)
+        activations = max((forward_bytes(m.memory_bound, train=k == "train") for k, m in programs.items()), default=0)
         activations = activations if reserve else 0
         return sum(storages.values()) + param_bytes + optimizer + activations + sum(self.stash_bytes.values())
 
@@ -459,7 +456,7 @@ class StageRuntime:
         """Refuse a forward that would take the stage past its reservation: what it allocates at these input
         shapes (counted on meta, IRError past the program's bound), twice when kept for backward (its values
         stay, and backward makes a gradient of each), plus what is held and the frames buffered on its links."""
-        forward = module.memory_at([list(v.shape) for v in values]) * (2 if keep else 1)
+        forward = forward_bytes(module.memory_at([list(v.shape) for v in values]), train=keep)
         held = self.needed(reserve=False) + self._buffered()
         self._require(held + forward, f"micro-batch {key[1]} of step {key[0]}")
         if keep:
