@@ -14,6 +14,7 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from tensorlink.pipeline import job as job_module
 from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.job import Job, PipelineError
-from tensorlink.pipeline.links import Lane
+from tensorlink.pipeline.links import Lane, LinkClosed
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import RunStep
 from tensorlink.worker.runtime import StageRuntime
@@ -211,6 +212,58 @@ def test_a_worker_that_floods_its_owner(pipeline: Pipeline, monkeypatch: Any, un
     print(f"flood ({unsolicited}): {len(sent)} frames of {FLOOD_MIB} MiB sent, owner peak RSS +{growth:.0f} MiB")
     assert "link closed" in str(info.value)
     assert growth < FLOOD_FRAMES * FLOOD_MIB / 3, growth
+
+
+def reset_peak_rss() -> None:
+    """Start a fresh peak (VmHWM), so the next peak measures this test alone, whatever ran before it."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_since_reset_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+# 768 MiB fits the owner's 1 GiB data-plane buffer pool, so read before its check the frame was held whole;
+# 2 GiB never fits it.
+HUGE = {"2GiB": 2 << 30, "768MiB": 768 << 20}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux's /proc")
+@pytest.mark.parametrize("announced", sorted(HUGE))
+def test_a_worker_that_announces_a_huge_output(pipeline: Pipeline, monkeypatch: Any, announced: str) -> None:
+    """An output frame announcing gigabytes (a real tensor's shape, never filled) is refused by its header:
+    the owner names the frame, what it announced and what it expected, and allocates nothing for it."""
+    nbytes = HUGE[announced]
+    x = torch.randn(4, 8)
+    pipeline.step(x)
+    outcome: list[str] = []
+
+    async def announce(self: StageRuntime, cmd: RunStep) -> None:
+        huge = torch.empty(nbytes // 32, 8)  # never written: the send reads the zero page, so no RSS here
+        with trio.move_on_after(30):
+            try:
+                await self.links["user"].send(Lane.USER_OUT, cmd.step, 0, 0, huge)
+                outcome.append("sent whole")
+            except LinkClosed:
+                outcome.append("link closed by the owner")
+
+    monkeypatch.setattr(StageRuntime, "run_step", announce)
+    reset_peak_rss()
+    before = peak_rss_since_reset_mib()
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        pipeline.step(x)
+    took, growth = time.monotonic() - started, peak_rss_since_reset_mib() - before
+    print(f"{announced} output announced: worker {outcome}, owner peak RSS +{growth:.0f} MiB, {took:.2f} s")
+    expected = (
+        rf"{pipeline.worker.peer_id} sent a wrong USER_OUT frame of step \d+, micro-batch 0, index 0: .* is float32 "
+        rf"\[{nbytes // 32}, 8\], expected float32 \['s\d+', 8\]: dim 0 is {nbytes // 32}, expected 2 .*; link closed"
+    )
+    assert re.search(expected, str(info.value)), str(info.value)
+    assert growth < 64, growth
 
 
 WRONG = {
