@@ -59,17 +59,21 @@ def checker(
     def check(frame: Announced) -> str | None:
         if marker and frame.shape == MARKER_SHAPE:
             return None
-        got = f"{str(frame.dtype).removeprefix('torch.')} {list(frame.shape)}"
-        want = f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
         if frame.dtype != spec.dtype or len(frame.shape) != len(spec.shape):
-            return f"{what} is {got}, expected {want}"
+            return f"{what} is {_show(frame.dtype, frame.shape)}, expected {_show(spec.dtype, spec.shape)}"
         for axis, (size, dim) in enumerate(zip(frame.shape, spec.shape, strict=True)):
             wrong = _dim_error(int(size), dim, sizes, ranges, tail if axis == 1 else 0)
             if wrong is not None:
+                got, want = _show(frame.dtype, frame.shape), _show(spec.dtype, spec.shape)
                 return f"{what} is {got}, expected {want}: dim {axis} {wrong}"
         return None
 
     return check
+
+
+def _show(dtype: torch.dtype, shape: tuple[int | str, ...]) -> str:
+    """``float32 [2, 8]``: only for messages (a check that passes formats nothing, once per frame)."""
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
 
 
 def _dim_error(
