@@ -166,9 +166,17 @@ class Driver:
                     sizes[dim] = int(size)
         return sizes
 
-    async def open(self, program: Program) -> None:
+    def kept(self, fused: bool) -> int:
+        """Micro-batches a stage may keep for backward at once: with the backward fused into 1F1B at most one per
+        stage (schedule.actions: the first stage's warm-up and one more); GPipe, or a backward the owner runs
+        later, keeps every micro-batch."""
+        stages = self.n_workers + (2 if self.private else 0)
+        return min(self.micro_batches, stages) if fused and self.schedule == "1f1b" else self.micro_batches
+
+    async def open(self, program: Program, *, fused: bool) -> None:
         """Ask the validator for workers, split at its boundaries, open the job and load the stages. Units are
-        profiled at the declared maximum input shapes, where a worker counts a stage's forward."""
+        profiled at the declared maximum input shapes, where a worker counts a stage's forward; ``fused``: the
+        backward runs with the forward (outputs="loss")."""
         symbols = program.whole.program.signature.symbols
         units = profile(program.whole, {name: high for name, (_, high) in symbols.items()})
         slots = OPTIMIZER_SLOTS.get(self.optimizer_name, 2)
@@ -176,7 +184,7 @@ class Driver:
             job=self.job_id,
             owner=self.client.peer_id,
             workers=self.n_workers,
-            units=[declare(u, optimizer_slots=slots, kept=self.micro_batches) for u in units],
+            units=[declare(u, optimizer_slots=slots, kept=self.kept(fused)) for u in units],
             private=self.private,
             optimizer_slots=slots,
             device=None,

@@ -224,7 +224,7 @@ class OffloadedModel(torch.nn.Module):
             program = self.driver.capture(self.local, *example, train=self.training)
         except CaptureError as exc:
             raise OffloadError(f"the model cannot be captured for the workers: {exc}") from None
-        self.client.call(self.driver.open, program)
+        self.client.call(lambda: self.driver.open(program, fused=self.outputs == "loss"))
         if self._optimizer is not None:
             self.client.call(self.driver.make_optimizer, *self._optimizer)
 

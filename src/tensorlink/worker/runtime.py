@@ -153,6 +153,7 @@ class StageRuntime:
         self.stash: dict[tuple[int, int], tuple[list[torch.Tensor], list[Any]]] = {}
         self.stash_bytes: dict[tuple[int, int], int] = {}  # what each kept micro-batch is charged (see _forward)
         self.running = 0  # what the forward running now, kept for no backward, is charged
+        self.peak_charged = 0  # the most this stage has been charged (/status: does its reservation cover it?)
         self.fused: FusedGrads | None = None
         self.steps_run = 0
         self._sends: trio.Nursery | None = None
@@ -223,6 +224,7 @@ class StageRuntime:
     def _require(self, needed: int, what: str) -> None:
         """Grow the reservation to ``needed`` where the worker has room (all or nothing), else refuse with
         over_reservation."""
+        self.peak_charged = max(self.peak_charged, needed)
         reserved = self.reservation.held()
         if needed > reserved:
             reserved = self.reservation.grow(needed)
@@ -473,6 +475,7 @@ class StageRuntime:
         reservation less what the stage holds, the forward running and the frames already buffered. A link
         refuses a frame past it (Mailbox.room)."""
         used = self.needed(reserve=False) + self.running + self._buffered()
+        self.peak_charged = max(self.peak_charged, used + nbytes)
         held = self.reservation.held()
         if used + nbytes > held:
             held = self.reservation.grow(used + nbytes)
