@@ -13,7 +13,8 @@ the receiver holds nothing else of ours (all credit back), so any frame up to ma
 
 The reader screens each header with the channel's acceptor before reading the payload. Frames that came
 before an acceptor was set (credit bounds them) are screened when taken; a frame larger than the window
-waits for an acceptor or a recv before its payload is read, so no frame is read unscreened past the window.
+waits for an acceptor or a recv before its payload is read, so no frame is read unscreened past the window
+(its sender's writes stall meanwhile, as with any receiver that does not read: a link sets its acceptor at once).
 """
 
 from __future__ import annotations
