@@ -74,5 +74,8 @@ def test_a_stage_that_exactly_fits_its_worker_is_placed_and_trains() -> None:
             charged = running["peak_charged_bytes"]  # below the estimate by the frames each unit declares (~18 %)
             print(f"reserved {needed} bytes, charged at most {charged} ({charged / needed:.0%})")
             assert running["steps"] >= STEPS and 0.75 * needed < charged <= needed, (charged, needed)
+            wider = {k: torch.cat([v, v]) for k, v in batch(0).items()}  # micro-batches larger than reserved for
+            with pytest.raises(tensorlink.OffloadError, match="the first call sets the largest micro-batch"):
+                model(**wider)
         finally:
             model.close()
