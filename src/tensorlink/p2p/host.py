@@ -21,6 +21,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_noise_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as Noise
 from libp2p.stream_muxer import muxer_multistream
@@ -109,6 +110,35 @@ def concrete_addrs(candidates: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.
                 seen.add(str(concrete))
                 out.append(concrete)
     return out
+
+
+async def connect_addr(host: IHost, addr: str, timeout_s: float) -> str:
+    """Dial a full multiaddr (ending in /p2p/<peer id>) within ``timeout_s``; the peer id reached.
+    A malformed address raises ValueError naming it; a peer not reached raises ConnectionError."""
+    try:
+        info = info_from_p2p_addr(parse_multiaddr(addr, what="peer address"))
+    except ValueError:
+        raise
+    except Exception as exc:  # libp2p's own address errors
+        raise ValueError(f"peer address {addr!r} needs /p2p/<peer id> at the end: {exc}") from None
+    try:
+        with trio.fail_after(timeout_s):
+            await host.connect(info)
+    except Exception as exc:  # refused, unreachable, handshake failed, too slow
+        raise ConnectionError(f"could not reach {addr}: {type(exc).__name__}: {exc}") from None
+    return info.peer_id.to_base58()
+
+
+def remember_addrs(host: IHost, peer: str, addrs: Sequence[str], ttl_s: float) -> None:
+    """Keep ``peer``'s addresses (full multiaddrs from its signed record) so the host can dial it later;
+    addresses that do not parse or name another peer are skipped."""
+    for addr in addrs:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception:
+            continue
+        if info.peer_id.to_base58() == peer:
+            host.get_peerstore().add_addrs(info.peer_id, info.addrs, int(ttl_s))
 
 
 def check_bootstrap(addrs: Sequence[str]) -> None:

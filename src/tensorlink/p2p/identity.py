@@ -30,5 +30,10 @@ def load_or_create_identity(data_dir: Path) -> KeyPair:
     return key_pair
 
 
+def new_identity() -> KeyPair:
+    """A fresh Ed25519 key that is never saved: a user's client gets a new peer id every run."""
+    return create_new_key_pair()
+
+
 def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()

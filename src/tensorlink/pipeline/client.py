@@ -12,13 +12,10 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import multiaddr
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from tensorlink.p2p.host import make_host, parse_multiaddr
-from tensorlink.p2p.identity import peer_id_of
+from tensorlink.p2p.host import connect_addr, make_host, parse_multiaddr
+from tensorlink.p2p.identity import new_identity, peer_id_of
 from tensorlink.transport import ChannelService, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +31,7 @@ class Client:
     """Start with ``start()`` (or as a context manager); ``close()`` stops the loop and the host."""
 
     def __init__(self, *, listen_ip: str = "127.0.0.1", psk_hex: str | None = None) -> None:
-        self.key_pair = create_new_key_pair()
+        self.key_pair = new_identity()
         self.peer_id = peer_id_of(self.key_pair)
         self.listen_ip = listen_ip
         self.host = make_host(self.key_pair, psk_hex=psk_hex)
@@ -84,13 +81,10 @@ class Client:
         """Dial full multiaddrs (with /p2p/); the peer ids reached. Unreachable ones are skipped."""
         reached = []
         for addr in addrs:
-            info = info_from_p2p_addr(parse_multiaddr(addr, what="peer address"))
             try:
-                with trio.fail_after(10):
-                    await self.host.connect(info)
-                reached.append(info.peer_id.to_base58())
-            except Exception as exc:
-                log.info("could not reach %s: %s", addr, exc)
+                reached.append(await connect_addr(self.host, addr, 10.0))
+            except ConnectionError as exc:
+                log.info("%s", exc)
         return reached
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -105,7 +99,7 @@ class Client:
 
     async def _run(self) -> None:
         self._stop = trio.Event()
-        listen = [multiaddr.Multiaddr(f"/ip4/{self.listen_ip}/tcp/0")]
+        listen = [parse_multiaddr(f"/ip4/{self.listen_ip}/tcp/0", what="listen address")]
         async with self.host.run(listen), trio.open_nursery() as nursery:
             await nursery.start(self.channels.serve)
             self.nursery = nursery

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import multiaddr
 import trio
-from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from tensorlink.p2p.host import remember_addrs
 from tensorlink.p2p.streams import StreamError, close_stream, open_stream, read_message, remote_peer, write_message
 from tensorlink.validator.matching import JobRefused, plan_job
 from tensorlink.wire.errors import WireError
@@ -144,7 +143,7 @@ class JobService:
 
     async def _assign(self, peer: str, addrs: list[str], assign: StageAssign, failed: dict[str, str]) -> None:
         """Send one StageAssign; a refusal or silence is recorded in ``failed`` with the reason."""
-        self._remember_addrs(peer, addrs)
+        remember_addrs(self.host, peer, addrs, ADDRS_TTL_S)  # from its record: dialable
         stream = None
         try:
             with trio.fail_after(ASSIGN_TIMEOUT_S):
@@ -164,16 +163,6 @@ class JobService:
             failed[peer] = f"{reply.code}: {reply.message}"[:300]
         elif reply.job != assign.job or reply.stage != assign.stage:
             failed[peer] = "answered for another job or stage"
-
-    def _remember_addrs(self, peer: str, addrs: list[str]) -> None:
-        """The worker's addresses from its capability record, so the host can dial it if not connected."""
-        for addr in addrs:
-            try:
-                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-            except Exception:
-                continue
-            if info.peer_id.to_base58() == peer:
-                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDRS_TTL_S)
 
     def status(self) -> list[dict[str, Any]]:
         """Admitted jobs as /status shows them."""
