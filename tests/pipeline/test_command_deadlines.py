@@ -22,8 +22,8 @@ from test_hostile_worker import Pipeline, pipeline  # noqa: F401  (the fixture)
 from tensorlink.pipeline import job as job_module
 from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.job import PipelineError
+from tensorlink.stage.session import Session
 from tensorlink.wire.stage import Done, SendTensors, StageMessage
-from tensorlink.worker.stage_host import Session
 
 pytestmark = [pytest.mark.swarm]
 

@@ -27,10 +27,10 @@ from tensorlink.pipeline import job as job_module
 from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.job import Job, PipelineError
-from tensorlink.pipeline.links import Lane, LinkClosed
+from tensorlink.stage.links import Lane, LinkClosed
+from tensorlink.stage.runtime import StageRuntime
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import RunStep
-from tensorlink.worker.runtime import StageRuntime
 from tensorlink.worker.stage_host import StageHost
 
 pytestmark = [pytest.mark.swarm]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tensorlink
-from tensorlink.pipeline.links import tensor_digest
+from tensorlink.stage.links import tensor_digest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from channel_helpers import (
 )
 
 from tensorlink import _C
-from tensorlink.pipeline.links import ChannelLink, Lane, LinkClosed
+from tensorlink.stage.links import ChannelLink, Lane, LinkClosed
 from tensorlink.transport import Channel, ChannelError, FrameRefused
 from tensorlink.transport.channel import Acceptor
 from tensorlink.transport.direct import INLINE_BYTES, DirectChannel

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from tensorlink.ir import capture
-from tensorlink.pipeline.links import FrameRefused, Lane, LocalLink
+from tensorlink.stage.links import FrameRefused, Lane, LocalLink
+from tensorlink.stage.runtime import FixedReservation, StageError, StageRuntime
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import InputSlot, OutputSlot, RunStep
 from tensorlink.worker.assignments import Assignments
-from tensorlink.worker.runtime import FixedReservation, StageError, StageRuntime
 from tensorlink.worker.stage_host import AssignedReservation
 
 MIB = 1 << 20

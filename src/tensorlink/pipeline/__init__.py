@@ -1,1 +1,1 @@
-"""Pipeline: partitioner, micro-batch schedules, remote autograd, OffloadedModel, LocalSwarm."""
+"""Pipeline, the owner's side: OffloadedModel, the driver and its job, remote autograd and optimizer, LocalSwarm."""

@@ -31,8 +31,9 @@ from tensorlink.ir.split import Split, profile, split
 from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.expect import checker, spec_like, value_spec
 from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_error, first_step_deadline_s
-from tensorlink.pipeline.links import NONE_MARKER, Lane, from_marker
 from tensorlink.pipeline.partition import declare
+from tensorlink.stage.links import NONE_MARKER, Lane, from_marker
+from tensorlink.stage.runtime import OPTIMIZER_SLOTS
 from tensorlink.validator.client import request_job
 from tensorlink.wire.messages import JobPlan, JobRequest
 from tensorlink.wire.stage import (
@@ -53,8 +54,6 @@ from tensorlink.wire.stage import (
 
 log = logging.getLogger(__name__)
 GENERATION_PREFIX = "model."  # where transformers' static-cache wrapper keeps the model
-OPTIMIZER_SLOTS = {"SGD": 1, "Adam": 2, "AdamW": 2, "Adagrad": 1, "Adadelta": 2, "Adamax": 2, "NAdam": 2,
-                   "RAdam": 2, "RMSprop": 2}  # fmt: skip
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from tensorlink.ir import StageProgram
 from tensorlink.ir.split import _DTYPE
-from tensorlink.pipeline.links import Announced, Check
+from tensorlink.stage.links import Announced, Check
 
 MARKER_SHAPE = (0,)  # links.NONE_MARKER: a gradient that does not exist
 

@@ -20,13 +20,13 @@ import trio
 
 from tensorlink.p2p.streams import StreamError, close_stream, open_stream
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
+from tensorlink.stage.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
+from tensorlink.stage.runtime import FixedReservation
+from tensorlink.stage.session import PROTOCOL, Session, describe, recv_stage, send_stage
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import Close, Done, Failed, RunBackward, RunStep, StageMessage, StageOpen
-from tensorlink.worker.runtime import FixedReservation
-from tensorlink.worker.stage_host import PROTOCOL, Session, describe, recv_stage, send_stage
 
 log = logging.getLogger(__name__)
 # A step's deadline: STEP_FACTOR x the slowest of the last RECENT_STEPS steps of the same program (per

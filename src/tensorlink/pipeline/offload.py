@@ -25,7 +25,7 @@ from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.driver import Driver, StepResult
 from tensorlink.pipeline.job import PipelineError
 from tensorlink.pipeline.optimizer import RemoteOptimizer
-from tensorlink.pipeline.schedule import SCHEDULES
+from tensorlink.stage.schedule import SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class OffloadedModel(torch.nn.Module):
 
     def optimizer(self, cls: type[torch.optim.Optimizer] | str, **hyper: Any) -> RemoteOptimizer:
         """An optimizer that runs on every worker for that worker's parameters (``cls`` must be one of
-        torch's optimizers; see tensorlink.worker.runtime.OPTIMIZERS)."""
+        torch's optimizers; see tensorlink.stage.runtime.OPTIMIZERS)."""
         opt = RemoteOptimizer(self, cls, **hyper)
         self._optimizer = (opt.name, opt.hyper())
         if self._signature is not None:

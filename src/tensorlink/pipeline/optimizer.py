@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tensorlink.worker.runtime import HYPER_KEYS, OPTIMIZERS, StageError, check_hyper
+from tensorlink.stage.runtime import HYPER_KEYS, OPTIMIZERS, StageError, check_hyper
 
 if TYPE_CHECKING:
     from tensorlink.pipeline.offload import OffloadedModel

@@ -1,9 +1,10 @@
 """StageHost: the worker's side of the stage protocol, and the channels of the jobs it runs.
 
 A validator assigns a stage of a job to this worker (worker/assignments.py). Only then may the job's
-owner open the stage stream (``PROTOCOL``) and a channel, and only the assigned neighbours may open
-channels for that job. The owner drives the stage with commands (wire/stage.py), one at a time, each
-answered by Done or Failed; a bad command fails that command, a broken stream ends the session.
+owner open the stage stream (``PROTOCOL``, stage/session.py) and a channel, and only the assigned
+neighbours may open channels for that job. The owner drives the stage with commands (wire/stage.py), one
+at a time, each answered by Done or Failed; a bad command fails that command, a broken stream ends the
+session.
 """
 
 from __future__ import annotations
@@ -14,60 +15,22 @@ from typing import Any
 import trio
 
 from tensorlink.p2p.host import serve_protocol
-from tensorlink.p2p.streams import StreamError, close_stream, read_record, remote_peer, write_record
-from tensorlink.pipeline.links import Audit, ChannelLink, Lane, Link, LinkClosed
+from tensorlink.p2p.streams import StreamError, close_stream, remote_peer
+from tensorlink.stage.links import Audit, ChannelLink, LinkClosed
+from tensorlink.stage.runtime import StageError
+from tensorlink.stage.session import PROTOCOL, Session, describe, recv_stage, send_stage
 from tensorlink.transport import Channel, ChannelError, ChannelService
 from tensorlink.wire.errors import WireError
-from tensorlink.wire.stage import (
-    MAX_STAGE_MESSAGE,
-    Close,
-    CommitGrads,
-    Done,
-    Failed,
-    GradSquares,
-    LoadProgram,
-    MakeOptimizer,
-    OptimizerStep,
-    RunBackward,
-    RunStep,
-    ScaleGrads,
-    SendTensors,
-    SetGrads,
-    StageMessage,
-    StageOpen,
-    ZeroGrad,
-    decode_stage,
-    encode_stage,
-)
-from tensorlink.worker.runtime import Reservation, StageError, StageRuntime
+from tensorlink.wire.stage import Close, Done, Failed, StageOpen, encode_stage
 
 log = logging.getLogger(__name__)
-PROTOCOL = "/tensorlink/stage/1.0.0"
 CHANNEL_WAIT_S = 60.0
 STAGES_PER_PEER = 8  # stage streams one owner may hold here at once (one per stage of its jobs)
-
-
-async def send_stage(stream: Any, msg: StageMessage) -> None:
-    await write_record(stream, encode_stage(msg))
-
-
-async def recv_stage(stream: Any) -> StageMessage:
-    return decode_stage(await read_record(stream, MAX_STAGE_MESSAGE))
 
 
 def _refusal(code: str, reason: str) -> bytes:
     """serve_protocol's refusal of a stage stream, as the owner's Job reads it."""
     return encode_stage(Failed(code=code, message=reason))
-
-
-def describe(exc: BaseException) -> str:
-    """What went wrong, without trio's nesting: the innermost errors of an exception group."""
-    inner = getattr(exc, "exceptions", None)
-    if inner:
-        return "; ".join(describe(e) for e in inner)
-    while isinstance(exc.__cause__, Exception) and not str(exc):
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
 
 
 class AssignedReservation:
@@ -88,106 +51,6 @@ class AssignedReservation:
 
     def ceiling(self) -> int:
         return min(self.limit, self.held() + self.assignments.unreserved_bytes())
-
-
-class Session:
-    """One job's stage here: its runtime and its links (filled in as channels arrive)."""
-
-    def __init__(self, assign: Any, device: str, reservation: Reservation) -> None:
-        self.assign = assign
-        self.links: dict[str, Link] = {}
-        self.by_peer: dict[str, ChannelLink] = {}
-        self.changed = trio.Event()
-        self.runtime = StageRuntime(
-            assign.job, assign.stage, assign.n_stages, self.links, device=device, reservation=reservation
-        )
-        self.blobs_in = 0  # owner -> worker transfers on the BLOB lane, counted alike on both sides
-        self.blobs_out = 0
-
-    def attach(self, peer: str, link: ChannelLink) -> None:
-        a = self.assign
-        self.by_peer[peer] = link
-        if peer == a.owner:
-            self.links["user"] = link
-            # The owner is also the neighbour where no worker is (private mode keeps ends at home).
-            if a.prev is None and a.stage > 0:
-                self.links["prev"] = link
-            if a.next is None and a.stage < a.n_stages - 1:
-                self.links["next"] = link
-        if peer == a.prev:
-            self.links["prev"] = link
-        if peer == a.next:
-            self.links["next"] = link
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def handle(self, msg: StageMessage) -> StageMessage:
-        """Carry out one command of the owner; StageError/LinkClosed for the caller to report."""
-        rt = self.runtime
-        user = self.links["user"]
-        if isinstance(msg, LoadProgram):
-            data = await user.recv(Lane.BLOB, self.blobs_in, 1, 0)
-            self.blobs_in += 1
-            if data.numel() != msg.size:
-                raise StageError("bad_program", f"program of {data.numel()} bytes, announced {msg.size}")
-            raw = data.numpy().tobytes()
-            await trio.to_thread.run_sync(rt.load, msg.key, raw, msg.inputs, msg.outputs, msg.prefix)
-        elif isinstance(msg, RunStep):
-            await rt.run_step(msg)
-        elif isinstance(msg, RunBackward):
-            await rt.run_backward(msg)
-        elif isinstance(msg, CommitGrads):
-            rt.commit(msg.step, msg.scale)
-        elif isinstance(msg, MakeOptimizer):
-            rt.make_optimizer(msg.name, msg.hyper)
-        elif isinstance(msg, OptimizerStep):
-            await trio.to_thread.run_sync(rt.optimizer_step, msg.hyper)
-        elif isinstance(msg, ZeroGrad):
-            rt.zero_grad()
-        elif isinstance(msg, GradSquares):
-            return Done(value=rt.grad_squares(msg.exclude))
-        elif isinstance(msg, ScaleGrads):
-            rt.scale_grads(msg.factor)
-        elif isinstance(msg, SendTensors):
-            if msg.what == "grads":
-                named = rt.grad_tensors(msg.names)
-            elif msg.what == "state":
-                named = rt.state_tensors(msg.names)
-            else:
-                named = rt.optimizer_tensors()
-            seq = self.blobs_out
-            self.blobs_out += 1
-            for i, (_, tensor) in enumerate(named):
-                await user.send(Lane.BLOB, seq, 1, i, tensor.detach().cpu())
-            return Done(names=[name for name, _ in named])
-        elif isinstance(msg, SetGrads):
-            seq = self.blobs_in
-            self.blobs_in += 1
-            grads = [await user.recv(Lane.BLOB, seq, 1, i) for i in range(len(msg.names))]
-            rt.set_grads(list(zip(msg.names, grads, strict=True)))
-        else:
-            raise StageError("bad_command", f"{type(msg).__name__} is not a stage command")
-        return Done()
-
-    def missing(self) -> list[str]:
-        a = self.assign
-        need = ["user"] + (["prev"] if a.stage > 0 else []) + (["next"] if a.stage < a.n_stages - 1 else [])
-        return [role for role in need if role not in self.links]
-
-    def status(self) -> dict[str, Any]:
-        rt, a = self.runtime, self.assign
-        return {
-            "job": self.assign.job.hex(),
-            "stage": self.assign.stage,
-            "n_stages": self.assign.n_stages,
-            "programs": sorted(rt.programs),
-            "parameters": sum(p.numel() for p in rt.parameters().values()) if "train" in rt.programs else 0,
-            "steps": rt.steps_run,
-            "peak_charged_bytes": rt.peak_charged,
-            "optimizer": type(rt.optimizer).__name__ if rt.optimizer is not None else None,
-            "links": sorted(self.links),
-            **({"from_owner": owner.audit.view()} if (owner := self.by_peer.get(a.owner)) and owner.audit else {}),
-        }
 
 
 class StageHost:

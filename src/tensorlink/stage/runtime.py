@@ -22,25 +22,25 @@ import trio
 from tensorlink.ir import StageModule, load
 from tensorlink.ir.charge import forward_bytes, optimizer_bytes
 from tensorlink.ir.memory import OverBound
-from tensorlink.pipeline.links import NONE_MARKER, Lane, Link, from_marker
-from tensorlink.pipeline.schedule import actions
+from tensorlink.stage.links import NONE_MARKER, Lane, Link, from_marker
+from tensorlink.stage.schedule import actions
 from tensorlink.wire.stage import InputSlot, OutputSlot, RunBackward, RunStep
 
-# Optimizers a job may name, and the hyper-parameters each may set: no user code reaches a worker.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    cls.__name__: cls
-    for cls in (
-        torch.optim.SGD,
-        torch.optim.Adam,
-        torch.optim.AdamW,
-        torch.optim.Adagrad,
-        torch.optim.Adadelta,
-        torch.optim.Adamax,
-        torch.optim.NAdam,
-        torch.optim.RAdam,
-        torch.optim.RMSprop,
-    )
-}
+# Optimizers a job may name, each with the parameter-sized state tensors ("slots") the owner declares for it, and
+# the hyper-parameters each may set: no user code reaches a worker.
+_ALLOWED: tuple[tuple[type[torch.optim.Optimizer], int], ...] = (
+    (torch.optim.SGD, 1),
+    (torch.optim.Adam, 2),
+    (torch.optim.AdamW, 2),
+    (torch.optim.Adagrad, 1),
+    (torch.optim.Adadelta, 2),
+    (torch.optim.Adamax, 2),
+    (torch.optim.NAdam, 2),
+    (torch.optim.RAdam, 2),
+    (torch.optim.RMSprop, 2),
+)
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {cls.__name__: cls for cls, _ in _ALLOWED}
+OPTIMIZER_SLOTS: dict[str, int] = {cls.__name__: slots for cls, slots in _ALLOWED}
 HYPER_KEYS = frozenset(
     {"lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
      "maximize", "lr_decay", "initial_accumulator_value", "rho", "momentum_decay", "decoupled_weight_decay"}
