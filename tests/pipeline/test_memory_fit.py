@@ -20,8 +20,8 @@ import tensorlink
 from tensorlink.ir.split import profile
 from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.offload import _example
-from tensorlink.pipeline.partition import declare, unit_memory
 from tensorlink.stage.runtime import OPTIMIZER_SLOTS
+from tensorlink.validator.partition import declare, unit_memory
 from tensorlink.worker.assignments import MIN_STAGE_BYTES
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]

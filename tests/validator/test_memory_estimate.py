@@ -19,8 +19,8 @@ from tensorlink.ir import StageProgram
 from tensorlink.ir.split import profile, split
 from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.offload import _example
-from tensorlink.pipeline.partition import WorkerSpec, declare, partition, stage_totals
 from tensorlink.stage.runtime import FixedReservation, StageRuntime, optimizer_copies
+from tensorlink.validator.partition import WorkerSpec, declare, partition, stage_totals
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ir"))
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tensorlink.pipeline.partition import (
+from tensorlink.validator.partition import (
     PartitionError,
     WorkerSpec,
     partition,

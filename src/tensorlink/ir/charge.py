@@ -1,7 +1,7 @@
 """What a stage is charged on its worker, in one place.
 
 The worker charges its stages with these (tensorlink.stage.runtime.StageRuntime.needed); the owner declares
-each unit's share with them and the validator adds the shares up per stage (tensorlink.pipeline.partition), so
+each unit's share with them and the validator adds the shares up per stage (tensorlink.validator.partition), so
 that a placement reserves what the worker will charge: no more (a tightly packed worker refusing an honest
 load), no less (a validator under-reserving).
 """

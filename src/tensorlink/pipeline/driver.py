@@ -31,10 +31,10 @@ from tensorlink.ir.split import Split, profile, split
 from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.expect import checker, spec_like, value_spec
 from tensorlink.pipeline.job import Job, PipelineError, StageRef, first_error, first_step_deadline_s
-from tensorlink.pipeline.partition import declare
 from tensorlink.stage.links import NONE_MARKER, Lane, from_marker
 from tensorlink.stage.runtime import OPTIMIZER_SLOTS
 from tensorlink.validator.client import request_job
+from tensorlink.validator.partition import declare
 from tensorlink.wire.messages import JobPlan, JobRequest
 from tensorlink.wire.stage import (
     CommitGrads,

@@ -1,4 +1,4 @@
-"""Validators: job admission and matching (health, proof-of-learning checks and settlement come later)."""
+"""Validators: job admission, partitioning and matching (health, proof-of-learning checks and settlement come later)."""
 
 from tensorlink.validator.client import request_job
 from tensorlink.validator.matching import JobRefused, plan_job

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from tensorlink.pipeline.partition import PartitionError, WorkerSpec, partition, stage_totals
+from tensorlink.validator.partition import PartitionError, WorkerSpec, partition, stage_totals
 from tensorlink.wire.messages import JobPlan, JobRequest, StageAssign, StagePlacement, WorkerCapability
 from tensorlink.worker.assignments import MIN_STAGE_BYTES
 

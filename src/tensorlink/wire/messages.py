@@ -171,7 +171,7 @@ class DialBackResponse(Message, tag="dial_back_response"):
 class UnitCost(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
     """Cost of one unit of a model (in model order), measured on the user's machine: forward FLOPs, bytes
     of parameters, and every other byte a worker holding it is charged (the micro-batches it keeps for backward
-    at the declared maximum shapes, frames, buffers: tensorlink.pipeline.partition.declare). An array on the
+    at the declared maximum shapes, frames, buffers: tensorlink.validator.partition.declare). An array on the
     wire (3 numbers, no field names), so that 65536 units fit a JobRequest of 2 MiB."""
 
     flops: Annotated[float, msgspec.Meta(ge=0.0, le=1e30)]  # bounds refuse NaN and infinity too
