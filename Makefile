@@ -77,6 +77,7 @@ bench: install contracts
 	$(PY) benchmarks/ir.py
 	$(PY) benchmarks/ir_fuzz.py --cases 20000
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/gpu_overlap.py
 	$(PY) benchmarks/gas.py
 
