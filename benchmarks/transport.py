@@ -80,6 +80,7 @@ from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
 from tensorlink.p2p.streams import StreamError, read_exactly
 from tensorlink.transport import Channel, ChannelService, TransportConfig
+from tensorlink.wire.protocols import BENCH_TRANSPORT_PROTOCOL
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = {"kb8": 8 * KIB, "mb1": MIB, "mb64": 64 * MIB}
@@ -91,7 +92,6 @@ TRANSPORTS = {
     "fallback": "TensorLink fallback (libp2p stream)",
 }
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
-BENCH_PROTOCOL = "/tensorlink/bench-transport/1.0.0"
 JOB = b"bench-transport!"
 PIECE = MIB  # libp2p baseline: bytes per stream.write
 COMMAND = struct.Struct("!IQQ")  # op, frame size, frame count (raw TCP and libp2p)
@@ -260,7 +260,7 @@ async def libp2p_peer(stream: Any) -> None:
 async def serve_async(raw_port: int, data_dir: Path) -> None:
     host = make_host(load_or_create_identity(data_dir))
     async with host.run([LOOPBACK]), trio.open_nursery() as nursery:
-        host.set_stream_handler(TProtocol(BENCH_PROTOCOL), libp2p_peer)
+        host.set_stream_handler(TProtocol(BENCH_TRANSPORT_PROTOCOL), libp2p_peer)
         service = ChannelService(host, TransportConfig(direct=True))
         await nursery.start(service.serve)
         addr = str(host.get_addrs()[0])
@@ -532,7 +532,7 @@ async def drive(plan: Plan, info: dict[str, Any], progress: Progress) -> dict[st
             async with host.run([LOOPBACK]), trio.open_nursery() as nursery:
                 with trio.fail_after(30):
                     await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(info["addr"])))
-                    stream = await host.new_stream(ID.from_base58(info["peer"]), [TProtocol(BENCH_PROTOCOL)])
+                    stream = await host.new_stream(ID.from_base58(info["peer"]), [TProtocol(BENCH_TRANSPORT_PROTOCOL)])
                 peer = info["peer"]
                 direct = ChannelLink(await open_channel(nursery, host, peer, direct=True, cipher=plan.cipher))
                 fallback = ChannelLink(await open_channel(nursery, host, peer, direct=False, cipher=plan.cipher))

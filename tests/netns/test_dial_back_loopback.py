@@ -21,7 +21,6 @@ import trio
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
 from tensorlink.p2p.reachability import (
-    PROTOCOL,
     DialBack,
     DialBackConfig,
     DialBackResult,
@@ -32,6 +31,7 @@ from tensorlink.p2p.reachability import (
 )
 from tensorlink.p2p.streams import read_message, write_message
 from tensorlink.wire.messages import DialBackRequest, DialBackResponse
+from tensorlink.wire.protocols import DIALBACK_PROTOCOL
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,7 +143,7 @@ async def test_a_server_that_claims_success_without_probing_is_not_believed(tmp_
             await write_message(stream, DialBackResponse(nonce=request.nonce, status="ok", addr=request.addrs[0]))
             await stream.close()
 
-        liar.host.set_stream_handler(PROTOCOL, lie)
+        liar.host.set_stream_handler(DIALBACK_PROTOCOL, lie)
         report = await a.dial_back.check([liar.addr])
         assert report.status is Reachability.UNKNOWN
         assert report.results[0].outcome == "unverified"
@@ -214,7 +214,7 @@ async def test_garbage_and_stalls_on_the_protocol_are_dropped(tmp_path: Path) ->
         await a.dial_back.check([server.addr])  # connects
         # oversized length prefix, undecodable msgpack, a stalled half-written prefix
         for junk in (b"\xff\xff\xff\xff", (5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1", b"\x00"):
-            stream = await a.host.new_stream(server.host.get_id(), [PROTOCOL])
+            stream = await a.host.new_stream(server.host.get_id(), [DIALBACK_PROTOCOL])
             await stream.write(junk)
             with trio.fail_after(config.io_timeout_s + 2):
                 try:

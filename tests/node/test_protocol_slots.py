@@ -23,12 +23,12 @@ from nodes import NodeProcess
 from tensorlink.p2p.host import FIRST_MESSAGE_S, PER_PEER, make_host
 from tensorlink.p2p.identity import load_or_create_identity
 from tensorlink.p2p.streams import StreamError, read_record, write_message, write_record
-from tensorlink.stage.session import PROTOCOL as STAGE
-from tensorlink.transport.service import PROTOCOL as CHANNEL
 from tensorlink.transport.service import SETUPS_PER_PEER
 from tensorlink.wire.messages import ChannelOffer, ErrorReply, StageAssign, decode_message
+from tensorlink.wire.protocols import ASSIGN_PROTOCOL as ASSIGN
+from tensorlink.wire.protocols import CHANNEL_PROTOCOL as CHANNEL
+from tensorlink.wire.protocols import STAGE_PROTOCOL as STAGE
 from tensorlink.wire.stage import Failed, StageOpen, decode_stage, encode_stage
-from tensorlink.worker.assignments import ASSIGN_PROTOCOL as ASSIGN
 from tensorlink.worker.stage_host import STAGES_PER_PEER
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]

@@ -30,8 +30,8 @@ from tensorlink.p2p.records import WORKERS
 from tensorlink.p2p.streams import close_stream, read_record, write_message
 from tensorlink.validator import JobRefused, request_job
 from tensorlink.wire.messages import ErrorReply, Heartbeat, JobPlan, JobRequest, UnitCost, WorkerCapability
-from tensorlink.worker.assignments import ASSIGN_PROTOCOL
-from tensorlink.worker.challenge import CHALLENGE_PROTOCOL, ROW_DIGEST_BYTES, CapacityAnswer, N
+from tensorlink.wire.protocols import ASSIGN_PROTOCOL, CHALLENGE_PROTOCOL
+from tensorlink.worker.challenge import ROW_DIGEST_BYTES, CapacityAnswer, N
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 

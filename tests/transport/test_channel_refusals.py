@@ -20,7 +20,7 @@ import trio
 from channel_helpers import Mesh, MeshFactory, config_for, exchange, job_id, open_in_status
 
 from tensorlink.p2p.streams import close_stream, open_stream, read_message, write_message
-from tensorlink.transport import PROTOCOL, ChannelError, ChannelRefused
+from tensorlink.transport import ChannelError, ChannelRefused
 from tensorlink.transport.direct import DirectChannel
 from tensorlink.transport.keys import (
     CHANNEL_ID_BYTES,
@@ -35,6 +35,7 @@ from tensorlink.transport.keys import (
 )
 from tensorlink.transport.service import MAX_HELLO_FAILURES, SETUPS_PER_PEER, ChannelService
 from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect
+from tensorlink.wire.protocols import CHANNEL_PROTOCOL as PROTOCOL
 
 JOB = job_id(4)
 LEGIT_JOB = job_id(4, 1)

@@ -21,6 +21,7 @@ from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
 from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message, write_record
 from tensorlink.validator.trust import UNVERIFIED_GFLOPS, CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import ErrorReply, WorkerCapability
+from tensorlink.wire.protocols import CHALLENGE_PROTOCOL
 from tensorlink.worker import challenge as ch
 
 GIB = 1 << 30
@@ -51,7 +52,7 @@ async def two_hosts(tmp_path: Path, worker_handler: Callable[[Any], Any] | None)
     listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
     async with validator.run(listen), worker.run(listen):
         if worker_handler is not None:
-            serve_protocol(worker, ch.CHALLENGE_PROTOCOL, worker_handler)
+            serve_protocol(worker, CHALLENGE_PROTOCOL, worker_handler)
         await validator.connect(info_from_p2p_addr(worker.get_addrs()[0]))
         yield validator, peer_id_of(keys[0]), peer_id_of(keys[1])
 
@@ -133,7 +134,7 @@ async def test_only_trusted_validators_may_challenge_and_unchecked_claims_count_
 async def test_bad_challenges_get_a_named_error(tmp_path: Path, record: bytes, why: str) -> None:
     with trio.fail_after(30):
         async with two_hosts(tmp_path, honest_handler([validator_id(tmp_path)])) as (host, _, worker):
-            stream = await open_stream(host, worker, ch.CHALLENGE_PROTOCOL)
+            stream = await open_stream(host, worker, CHALLENGE_PROTOCOL)
             await write_record(stream, record)
             reply = ch.decode(await read_record(stream, 4096))
             assert isinstance(reply, ErrorReply) and reply.code == "bad_request" and why in reply.message, reply

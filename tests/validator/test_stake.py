@@ -21,6 +21,7 @@ from tensorlink.p2p.streams import close_stream, open_stream, read_record, write
 from tensorlink.validator import stake
 from tensorlink.validator.trust import ValidatorTrust
 from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned, decode_message
+from tensorlink.wire.protocols import PROOF_PROTOCOL
 from tensorlink.worker.assignments import Assignments
 
 pytestmark = [pytest.mark.slow]
@@ -77,8 +78,8 @@ async def test_only_a_peer_that_proves_a_staked_account_is_obeyed(chain: Chain, 
             worker_rule = stake.StakedValidators(chain, p["worker"][0], clock=clock)
             staked = stake.StakedValidators(chain, p["staked"][0], accounts[1].key)
             unstaked = stake.StakedValidators(chain, p["unstaked"][0], accounts[2].key)
-            serve_protocol(p["staked"][0], stake.PROOF_PROTOCOL, staked.serve_proof)
-            serve_protocol(p["unstaked"][0], stake.PROOF_PROTOCOL, unstaked.serve_proof)
+            serve_protocol(p["staked"][0], PROOF_PROTOCOL, staked.serve_proof)
+            serve_protocol(p["unstaked"][0], PROOF_PROTOCOL, unstaked.serve_proof)
             statement = staked.statement(p["staked"][1])
             signed = accounts[1].sign_message(stake.encode_defunct(text=statement))
 
@@ -88,7 +89,7 @@ async def test_only_a_peer_that_proves_a_staked_account_is_obeyed(chain: Chain, 
                 await write_message(stream, proof)
                 await close_stream(stream)
 
-            serve_protocol(p["copycat"][0], stake.PROOF_PROTOCOL, replay)
+            serve_protocol(p["copycat"][0], PROOF_PROTOCOL, replay)
             trust = ValidatorTrust(staked=worker_rule)
             registry = Assignments(1 << 30, validators=trust)
             verdicts = {}
@@ -120,8 +121,8 @@ async def test_a_bad_proof_request_gets_a_named_error(chain: Chain, tmp_path: Pa
     with trio.fail_after(30):
         async with peers(tmp_path, ["asker", "validator"]) as p:
             rule = stake.StakedValidators(chain, p["validator"][0], chain.backend.accounts[1].key)
-            serve_protocol(p["validator"][0], stake.PROOF_PROTOCOL, rule.serve_proof)
-            stream = await open_stream(p["asker"][0], p["validator"][1], stake.PROOF_PROTOCOL)
+            serve_protocol(p["validator"][0], PROOF_PROTOCOL, rule.serve_proof)
+            stream = await open_stream(p["asker"][0], p["validator"][1], PROOF_PROTOCOL)
             await write_record(stream, record)
             reply = decode_message(await read_record(stream, 4096))
             assert isinstance(reply, ErrorReply) and reply.code == "bad_request", reply

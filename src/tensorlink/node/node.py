@@ -29,11 +29,12 @@ from tensorlink.p2p.reachability import DialBack, Reachability, open_dial_back
 from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, VerifiedRecord
 from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
 from tensorlink.transport import ChannelService, TransportConfig
-from tensorlink.validator.service import JOB_PROTOCOL, JobService
+from tensorlink.validator.service import JobService
 from tensorlink.validator.trust import NO_RULE_HINT, CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
-from tensorlink.worker.assignments import ASSIGN_PROTOCOL, Assignments, assign_handler
-from tensorlink.worker.challenge import CHALLENGE_PROTOCOL, challenge_handler
+from tensorlink.wire.protocols import ASSIGN_PROTOCOL, CHALLENGE_PROTOCOL, JOB_PROTOCOL
+from tensorlink.worker.assignments import Assignments, assign_handler
+from tensorlink.worker.challenge import challenge_handler
 
 log = logging.getLogger(__name__)
 SOFTWARE = f"tensorlink/{tensorlink.__version__}"

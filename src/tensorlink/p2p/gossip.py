@@ -39,6 +39,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import Heartbeat, JobRecord, Message, decode_message, encode_message
+from tensorlink.wire.protocols import HEARTBEAT_TOPIC, JOBS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,12 @@ class Topic:
 # beats landing close together (timer jitter, a slow event loop catching up) never trip it. A burst of 10
 # absorbs a neighbour replaying its message cache to us when we connect (gossip_history = 5 heartbeats of
 # 1 s, i.e. up to 5 beats of one publisher at once) plus gossip repair after a short partition.
-HEARTBEATS = Topic(
-    "/tensorlink/heartbeat/1", Heartbeat, rate_per_s=2.0, burst=10, signer_field="peer_id", max_age_s=60.0
-)
+HEARTBEATS = Topic(HEARTBEAT_TOPIC, Heartbeat, rate_per_s=2.0, burst=10, signer_field="peer_id", max_age_s=60.0)
 # Job announcements are rare: a validator announces each job it admits and each state change (admitted,
 # running, done/failed), a handful per job, and jobs last minutes. 0.5/s sustained (one every 2 s) is far
 # above a busy validator and bounds what one peer costs us at 8 KiB/s of 16 KiB records; a burst of 20
 # lets a restarted validator re-announce its open jobs at once. Only the admitting validator may announce.
-JOBS = Topic("/tensorlink/jobs/1", JobRecord, rate_per_s=0.5, burst=20, signer_field="validator")
+JOBS = Topic(JOBS_TOPIC, JobRecord, rate_per_s=0.5, burst=20, signer_field="validator")
 TOPICS: tuple[Topic, ...] = (HEARTBEATS, JOBS)
 
 # GossipSub settings (research §3). Mesh degree D=6 (4..12) as in go-libp2p: ≥4 paths to every node keeps

@@ -59,11 +59,10 @@ from tensorlink.wire.messages import (
     ErrorReply,
     Message,
 )
+from tensorlink.wire.protocols import DIALBACK_PROBE_PROTOCOL, DIALBACK_PROTOCOL
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = TProtocol("/tensorlink/dialback/1.0.0")
-PROBE_PROTOCOL = TProtocol("/tensorlink/dialback-probe/1.0.0")
 MAX_FRAME = 8192  # largest message on these protocols (a DialBackResponse)
 
 
@@ -320,7 +319,7 @@ class DialBack:
                 try:
                     if server_addr is not None and not self.host.get_network().get_connections(server_id):
                         await self.host.connect(PeerInfo(server_id, [server_addr]))
-                    stream = await self.host.new_stream(server_id, [PROTOCOL])
+                    stream = await self.host.new_stream(server_id, [TProtocol(DIALBACK_PROTOCOL)])
                     await write_message(stream, DialBackRequest(nonce=nonce, addrs=addrs[:8]))
                     reply = await read_message(stream, DialBackResponse, ErrorReply, max_bytes=MAX_FRAME)
                 except (StreamError, WireError) as exc:
@@ -462,7 +461,7 @@ class DialBack:
                     async with lock:
                         if answered:
                             return
-                        stream = await prober.new_stream(peer, [PROBE_PROTOCOL])
+                        stream = await prober.new_stream(peer, [TProtocol(DIALBACK_PROBE_PROTOCOL)])
                         try:
                             await write_message(stream, DialBackProbe(nonce=nonce))
                             echo = await read_message(stream, DialBackProbe, max_bytes=MAX_FRAME)
@@ -522,12 +521,12 @@ async def open_dial_back(
             await ready.wait()
         service = DialBack(host, prober=prober, config=config)
         # serve_protocol: nothing a peer sends can stop the swarm, and floods are cut at ``limit``.
-        serve_protocol(host, PROBE_PROTOCOL, service._answer_probe, limit=16)
-        serve_protocol(host, PROTOCOL, service._serve, limit=2 * config.max_concurrent)
+        serve_protocol(host, DIALBACK_PROBE_PROTOCOL, service._answer_probe, limit=16)
+        serve_protocol(host, DIALBACK_PROTOCOL, service._serve, limit=2 * config.max_concurrent)
         try:
             yield service
         finally:
-            for proto in (PROTOCOL, PROBE_PROTOCOL):
+            for proto in (DIALBACK_PROTOCOL, DIALBACK_PROBE_PROTOCOL):
                 try:
                     host.remove_stream_handler(proto)
                 except Exception:

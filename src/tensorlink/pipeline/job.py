@@ -22,10 +22,11 @@ from tensorlink.p2p.streams import StreamError, close_stream, open_stream
 from tensorlink.pipeline.client import Client
 from tensorlink.stage.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
 from tensorlink.stage.runtime import FixedReservation
-from tensorlink.stage.session import PROTOCOL, Session, describe, recv_stage, send_stage
+from tensorlink.stage.session import Session, describe, recv_stage, send_stage
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
+from tensorlink.wire.protocols import STAGE_PROTOCOL
 from tensorlink.wire.stage import Close, Done, Failed, RunBackward, RunStep, StageMessage, StageOpen
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class Job:
         assert ref.peer is not None
         try:
             with self.bounded(ref, "StageOpen", 0):
-                ref.stream = await open_stream(self.client.host, ref.peer, PROTOCOL)
+                ref.stream = await open_stream(self.client.host, ref.peer, STAGE_PROTOCOL)
                 await send_stage(ref.stream, StageOpen(job=self.job, stage=ref.index))
                 reply = await recv_stage(ref.stream)
         except PipelineError:

@@ -1,6 +1,6 @@
 """Session: one stage of one job and the stage protocol's framing, shared by the worker and the owner.
 
-A worker's StageHost (worker/stage_host.py) runs a Session per assigned stage and serves ``PROTOCOL``; the
+A worker's StageHost (worker/stage_host.py) runs a Session per assigned stage and serves ``STAGE_PROTOCOL``; the
 owner speaks that protocol to its workers (pipeline/job.py) and, in private mode, runs its own first and last
 stage with the same Session. The owner drives a stage with commands (wire/stage.py), one at a time, each
 answered by Done or Failed.
@@ -33,8 +33,6 @@ from tensorlink.wire.stage import (
     decode_stage,
     encode_stage,
 )
-
-PROTOCOL = "/tensorlink/stage/1.0.0"
 
 
 async def send_stage(stream: Any, msg: StageMessage) -> None:

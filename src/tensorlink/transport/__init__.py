@@ -16,7 +16,6 @@ from tensorlink.transport.channel import Channel
 from tensorlink.transport.errors import ChannelError, ChannelRefused, FrameRefused
 
 __all__ = [
-    "PROTOCOL",
     "Channel",
     "ChannelError",
     "ChannelRefused",
@@ -29,7 +28,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     """The libp2p-facing service, imported on first use: the channels, the sealed socket and the CUDA
     staging work without libp2p (GPU machines whose Python has no libp2p wheels can run them)."""
-    if name in ("PROTOCOL", "ChannelService", "TransportConfig"):
+    if name in ("ChannelService", "TransportConfig"):
         from tensorlink.transport import service
 
         return getattr(service, name)

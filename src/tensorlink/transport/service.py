@@ -1,6 +1,6 @@
 """ChannelService: opens and accepts data-plane channels between peers of the control plane.
 
-Set-up, on a libp2p stream of ``PROTOCOL`` (Noise-authenticated, so each side knows the other's peer id):
+Set-up, on a libp2p stream of ``CHANNEL_PROTOCOL`` (Noise-authenticated, so each side knows the other's peer id):
 
 1. opener → ``ChannelOffer{job, ephemeral_key, nonce}``
 2. acceptor → ``ChannelAccept{job, ephemeral_key, token, addrs}`` (``addrs``: its data-plane TCP
@@ -61,10 +61,10 @@ from tensorlink.transport.keys import (
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.limits import MAX_FRAME_PAYLOAD
 from tensorlink.wire.messages import ChannelAccept, ChannelOffer, ChannelSelect, Cipher, ErrorReply
+from tensorlink.wire.protocols import CHANNEL_PROTOCOL
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/tensorlink/channel/1.0.0"
 NO_JOB = bytes(16)
 MAX_HELLO_FAILURES = 3
 MAX_UNVERIFIED = 64  # TCP connections on the data port that have not sent a valid hello yet
@@ -154,7 +154,7 @@ class ChannelService:
                 self.data_port = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(trio.serve_listeners, self._on_tcp, listeners)
                 log.info("data plane listening on %s:%d", self.config.listen_ip, self.data_port)
-            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER)
+            serve_protocol(self.host, CHANNEL_PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -208,7 +208,7 @@ class ChannelService:
     async def _open(self, peer: str, job: bytes) -> Channel:
         try:
             with trio.fail_after(self.config.setup_timeout_s):
-                stream = await open_stream(self.host, peer, PROTOCOL)
+                stream = await open_stream(self.host, peer, CHANNEL_PROTOCOL)
         except trio.TooSlowError:
             raise ChannelError(f"no stream to {peer} within {self.config.setup_timeout_s} s") from None
         except Exception as exc:  # libp2p's errors: unknown peer, no route, protocol not supported

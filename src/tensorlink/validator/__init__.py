@@ -2,6 +2,6 @@
 
 from tensorlink.validator.client import request_job
 from tensorlink.validator.matching import JobRefused, plan_job
-from tensorlink.validator.service import JOB_PROTOCOL, JobService
+from tensorlink.validator.service import JobService
 
-__all__ = ["JOB_PROTOCOL", "JobRefused", "JobService", "plan_job", "request_job"]
+__all__ = ["JobRefused", "JobService", "plan_job", "request_job"]

@@ -8,9 +8,9 @@ import trio
 
 from tensorlink.p2p.streams import StreamError, close_stream, open_stream, read_message, write_message
 from tensorlink.validator.matching import JobRefused
-from tensorlink.validator.service import JOB_PROTOCOL
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import ErrorReply, JobPlan, JobRequest
+from tensorlink.wire.protocols import JOB_PROTOCOL
 
 
 async def request_job(host: Any, validator_peer_id: str, request: JobRequest, timeout_s: float = 30.0) -> JobPlan:

@@ -34,11 +34,11 @@ from tensorlink.wire.messages import (
     StageAssigned,
     WorkerCapability,
 )
-from tensorlink.worker.assignments import ASSIGN_PROTOCOL, CLAIM_TIMEOUT_S
+from tensorlink.wire.protocols import ASSIGN_PROTOCOL
+from tensorlink.worker.assignments import CLAIM_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-JOB_PROTOCOL = "/tensorlink/job/1.0.0"
 READ_TIMEOUT_S = 10.0
 ASSIGN_TIMEOUT_S = 10.0
 ADDRS_TTL_S = 600

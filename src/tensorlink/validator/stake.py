@@ -27,10 +27,10 @@ from eth_account.messages import encode_defunct
 
 from tensorlink.p2p.streams import close_stream, open_stream, read_record, remote_peer, write_message
 from tensorlink.wire.messages import ErrorReply, Message, decode_checked
+from tensorlink.wire.protocols import PROOF_PROTOCOL
 
 log = logging.getLogger(__name__)
 
-PROOF_PROTOCOL = "/tensorlink/validator-proof/1.0.0"
 TTL_S = 60.0
 PROOF_TIMEOUT_S = 10.0
 Address = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{40}\Z")]

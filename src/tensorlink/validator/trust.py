@@ -28,8 +28,8 @@ import trio
 
 from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message
 from tensorlink.wire.messages import ErrorReply, WorkerCapability
+from tensorlink.wire.protocols import CHALLENGE_PROTOCOL
 from tensorlink.worker.challenge import (
-    CHALLENGE_PROTOCOL,
     MAX_ROUNDS,
     ROW_DIGEST_BYTES,
     CapacityAnswer,

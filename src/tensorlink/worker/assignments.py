@@ -28,7 +28,6 @@ from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned
 
 log = logging.getLogger(__name__)
 
-ASSIGN_PROTOCOL = "/tensorlink/assign/1.0.0"
 # Plan to claim took an honest owner 0.16-0.23 s (offload() of gpt2/llama/mlp on a LocalSwarm, a loaded
 # 2-core machine); a big model's split adds seconds. 30 s leaves a wide margin and frees a hoarded worker.
 CLAIM_TIMEOUT_S = 30.0

@@ -28,7 +28,6 @@ from tensorlink.worker.assignments import ValidatorRule
 
 log = logging.getLogger(__name__)
 
-CHALLENGE_PROTOCOL = "/tensorlink/challenge/1.0.0"
 N = 512  # the self-benchmark's matmul size (node/selfbench.py): the same kernel, so the same speed
 MAX_ROUNDS = 64  # 17 GFLOP: a fraction of a second for a worker that really has the speed it would need
 LOW, HIGH = -4, 4  # entries: |sum| <= N * 16 = 8192 < 2**24, exact in float32

@@ -1,7 +1,7 @@
 """StageHost: the worker's side of the stage protocol, and the channels of the jobs it runs.
 
 A validator assigns a stage of a job to this worker (worker/assignments.py). Only then may the job's
-owner open the stage stream (``PROTOCOL``, stage/session.py) and a channel, and only the assigned
+owner open the stage stream (``STAGE_PROTOCOL``) and a channel, and only the assigned
 neighbours may open channels for that job. The owner drives the stage with commands (wire/stage.py), one
 at a time, each answered by Done or Failed; a bad command fails that command, a broken stream ends the
 session.
@@ -18,9 +18,10 @@ from tensorlink.p2p.host import serve_protocol
 from tensorlink.p2p.streams import StreamError, close_stream, remote_peer
 from tensorlink.stage.links import Audit, ChannelLink, LinkClosed
 from tensorlink.stage.runtime import StageError
-from tensorlink.stage.session import PROTOCOL, Session, describe, recv_stage, send_stage
+from tensorlink.stage.session import Session, describe, recv_stage, send_stage
 from tensorlink.transport import Channel, ChannelError, ChannelService
 from tensorlink.wire.errors import WireError
+from tensorlink.wire.protocols import STAGE_PROTOCOL
 from tensorlink.wire.stage import Close, Done, Failed, StageOpen, encode_stage
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ class StageHost:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            serve_protocol(self.host, PROTOCOL, self._on_stream, limit=64, per_peer=STAGES_PER_PEER, refuse=_refusal)
+            serve_protocol(
+                self.host, STAGE_PROTOCOL, self._on_stream, limit=64, per_peer=STAGES_PER_PEER, refuse=_refusal
+            )
             nursery.start_soon(self._accept_channels)
             task_status.started()
             await trio.sleep_forever()
