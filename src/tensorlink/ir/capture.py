@@ -21,14 +21,11 @@ from tensorlink.ir import schema as s
 from tensorlink.ir.errors import CaptureError
 from tensorlink.ir.ops import ATEN_OPS, OPS_VERSION, PY_OPS, SET_GRAD_REGION, target_name
 from tensorlink.ir.program import StageProgram
+from tensorlink.wire.dtypes import NAME_BY_TORCH
 
 DEFAULT_MAX_BATCH = 64
 UNBOUNDED_DIM_CAP = 4096  # a dynamic dim the user left unbounded is capped here, so the worker can bound memory
 _SESSION_SALT = os.urandom(16)  # storage keys mean something only within one capturing process
-_DTYPE_NAMES = {
-    getattr(torch, n): n
-    for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
-}
 _FORMATS = {
     torch.contiguous_format: "contiguous_format",
     torch.preserve_format: "preserve_format",
@@ -129,9 +126,9 @@ class _Converter:
         if isinstance(value, list | tuple):
             return s.List([self.arg(node, v) for v in value])
         if isinstance(value, torch.dtype):
-            if value not in _DTYPE_NAMES:
+            if value not in NAME_BY_TORCH:
                 raise self.fail(node, f"uses dtype {value}, which stage programs do not carry")
-            return s.DType(_DTYPE_NAMES[value])
+            return s.DType(NAME_BY_TORCH[value])
         if isinstance(value, torch.device):
             return s.Device()
         if isinstance(value, torch.layout):
@@ -294,8 +291,8 @@ def _value_metas(ep: torch.export.ExportedProgram) -> tuple[dict[str, s.ValueMet
         ):
             continue
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dtype in _DTYPE_NAMES:
-            values[node.name] = s.ValueMeta(dtype=_DTYPE_NAMES[val.dtype], shape=[expr(d) for d in val.shape])
+        if isinstance(val, torch.Tensor) and val.dtype in NAME_BY_TORCH:
+            values[node.name] = s.ValueMeta(dtype=NAME_BY_TORCH[val.dtype], shape=[expr(d) for d in val.shape])
         elif isinstance(val, torch.SymInt):
             values[node.name] = s.ValueMeta(sym=str(expr(val)))
     return values, dim_ranges
@@ -324,7 +321,7 @@ def cross_stage_ties(programs: Sequence[StageProgram]) -> list[list[tuple[int, s
 
 
 def _input_spec(name: str, val: torch.Tensor, symbols: dict[str, list[int]], ranges: dict[Any, Any]) -> s.InputSpec:
-    if val.dtype not in _DTYPE_NAMES:
+    if val.dtype not in NAME_BY_TORCH:
         raise CaptureError(f"{name}: input dtype {val.dtype} is not supported")
     shape: list[int | str] = []
     for dim in val.shape:
@@ -340,7 +337,7 @@ def _input_spec(name: str, val: torch.Tensor, symbols: dict[str, list[int]], ran
         high = UNBOUNDED_DIM_CAP if not getattr(high, "is_finite", True) or high > 2**31 else int(high)
         symbols[str(expr)] = [low, high]
         shape.append(str(expr))
-    return s.InputSpec(dtype=_DTYPE_NAMES[val.dtype], shape=shape)
+    return s.InputSpec(dtype=NAME_BY_TORCH[val.dtype], shape=shape)
 
 
 def _output_structure(name: str, spec: Any, count: int) -> tuple[str, list[str]]:

@@ -29,12 +29,9 @@ from tensorlink.ir.ops import (
     resolve,
 )
 from tensorlink.ir.program import StageProgram
+from tensorlink.wire.dtypes import TORCH_BY_NAME
 
 DEFAULT_MAX_MEMORY = 8 << 30
-_DTYPES = {
-    n: getattr(torch, n)
-    for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
-}
 _FORMATS = {
     "contiguous_format": torch.contiguous_format,
     "preserve_format": torch.preserve_format,
@@ -177,7 +174,7 @@ def _compile(arg: s.Arg, defined: set[str], where: str) -> Compiled:
         except ValueError:
             raise IRError(f"{where}: {arg.value!r} is not a float") from None
     if isinstance(arg, s.DType):
-        return ("c", _DTYPES[arg.name])
+        return ("c", TORCH_BY_NAME[arg.name])
     if isinstance(arg, s.Device):
         return ("d", None)
     if isinstance(arg, s.Layout):
@@ -326,7 +323,7 @@ class StageModule(torch.nn.Module):
         sig = self._program.signature
         bound: dict[str, int] = {}
         for i, (tensor, spec) in enumerate(zip(inputs, sig.inputs, strict=True)):
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != _DTYPES[spec.dtype]:
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != TORCH_BY_NAME[spec.dtype]:
                 raise TypeError(f"input {i} must be a {spec.dtype} tensor")
             if tensor.dim() != len(spec.shape):
                 raise ValueError(f"input {i} must have {len(spec.shape)} dims, got shape {tuple(tensor.shape)}")
@@ -390,7 +387,7 @@ class StageModule(torch.nn.Module):
         state = {k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in tensors.items()}
 
         def count_at(shapes: list[list[int]], limit: int) -> int:
-            dtypes = [_DTYPES[spec.dtype] for spec in sig.inputs]
+            dtypes = [TORCH_BY_NAME[spec.dtype] for spec in sig.inputs]
             inputs = [torch.empty(s, dtype=d, device=meta) for s, d in zip(shapes, dtypes, strict=True)]
             mode = self._program.captured_train
             return memory.count(lambda: self._run(self._graph, inputs, state, meta, mode), limit)

@@ -6,6 +6,8 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
+from tensorlink.wire.dtype_names import DTypeName
+
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-]+\Z")]
 MAX_NODES = 40_000  # in all graphs of a program; a 12-layer Llama with its loss has 838, so 126 layers about 8,500
 MAX_ARGS = 64
@@ -25,9 +27,7 @@ class Float(msgspec.Struct, tag="float", forbid_unknown_fields=True):
 
 
 class DType(msgspec.Struct, tag="dtype", forbid_unknown_fields=True):
-    name: Literal[
-        "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"
-    ]  # fmt: skip
+    name: DTypeName
 
 
 class Device(msgspec.Struct, tag="device", forbid_unknown_fields=True):
@@ -76,7 +76,7 @@ Dim = Union[Annotated[int, msgspec.Meta(ge=0, le=2**31)], Name]
 
 
 class InputSpec(msgspec.Struct, forbid_unknown_fields=True):
-    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+    dtype: DTypeName
     shape: Annotated[list[Dim], msgspec.Meta(max_length=8)]
 
 
@@ -89,9 +89,6 @@ class Signature(msgspec.Struct, forbid_unknown_fields=True):
     output_keys: Annotated[list[Name], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
-DTypeName = Literal[
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"
-]  # fmt: skip
 Expr = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a sympy size expression: "s0", "s0*s1", "s1 + 1"
 
 

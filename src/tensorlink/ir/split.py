@@ -33,6 +33,7 @@ from tensorlink.ir import schema as s
 from tensorlink.ir.errors import IRError
 from tensorlink.ir.loader import StageModule, _Graph
 from tensorlink.ir.program import StageProgram
+from tensorlink.wire.dtypes import TORCH_BY_NAME
 
 SYM_SIZE = "aten.sym_size.int"
 GETITEM = "operator.getitem"
@@ -450,7 +451,9 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
         raise ValueError(f"profile: give a size for the dynamic dims {missing}")
     meta = torch.device("meta")
     inputs = [
-        torch.empty([d if isinstance(d, int) else sizes[d] for d in spec.shape], dtype=_DTYPE[spec.dtype], device=meta)
+        torch.empty(
+            [d if isinstance(d, int) else sizes[d] for d in spec.shape], dtype=TORCH_BY_NAME[spec.dtype], device=meta
+        )
         for spec in p.signature.inputs
     ]
     known = set(state)
@@ -557,10 +560,6 @@ def _cuts(a: _Analysis, value_bytes: Mapping[str, int]) -> list[int]:
             delta[index.get(name, -1) + 1] += value_bytes[name]
             delta[end + 1] -= value_bytes[name]
     return list(itertools.accumulate(delta))
-
-
-_DTYPE = {n: getattr(torch, n) for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16",
-                                         "int8", "uint8", "bool")}  # fmt: skip
 
 
 def _tensor_bytes(value: object) -> int:

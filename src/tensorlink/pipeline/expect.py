@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from tensorlink.ir import StageProgram
-from tensorlink.ir.split import _DTYPE
 from tensorlink.stage.links import Announced, Check
+from tensorlink.wire.dtypes import TORCH_BY_NAME
 
 MARKER_SHAPE = (0,)  # links.NONE_MARKER: a gradient that does not exist
 
@@ -34,7 +34,7 @@ def value_spec(program: StageProgram, name: str) -> Spec:
     meta = program.program.values.get(name)
     if meta is None or meta.dtype is None:
         raise ValueError(f"the capture has no tensor metadata for {name!r}")
-    return Spec(_DTYPE[meta.dtype], tuple(meta.shape))
+    return Spec(TORCH_BY_NAME[meta.dtype], tuple(meta.shape))
 
 
 def spec_like(tensor: torch.Tensor) -> Spec:
