@@ -31,7 +31,7 @@ from safetensors.torch import save as write_safetensors
 
 from tensorlink.ir import schema as s
 from tensorlink.ir.errors import IRError
-from tensorlink.ir.loader import StageModule, _Graph
+from tensorlink.ir.interpret import Graph, run_graph
 from tensorlink.ir.program import StageProgram
 from tensorlink.wire.dtypes import TORCH_BY_NAME
 
@@ -406,15 +406,6 @@ def _input_spec(p: s.Program, value: str, symbols: dict[str, list[int]]) -> s.In
 # --- profile ----------------------------------------------------------------------------------------------------
 
 
-class _MetaRunner:
-    """The loader's interpreter, borrowed to run a program on the meta device with no weights and no dry-run cap."""
-
-    _run = StageModule._run
-
-    def __init__(self, program: s.Program) -> None:
-        self._program = program
-
-
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -457,8 +448,8 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
         for spec in p.signature.inputs
     ]
     known = set(state)
-    subgraphs = {name: _Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
-    graph = _Graph(p.graph, subgraphs, known, len(inputs))
+    subgraphs = {name: Graph(g, None, known, 64) for name, g in p.subgraphs.items()}
+    graph = Graph(p.graph, subgraphs, known, len(inputs))
 
     flops: dict[str, float] = {}
     nbytes: dict[str, int] = {}
@@ -484,7 +475,7 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
         value_bytes[name] = _tensor_bytes(value)
 
     with torch.no_grad(), counter, allocations:
-        _MetaRunner(p)._run(graph, inputs, state, meta, p.captured_train, on_value)
+        run_graph(p, graph, inputs, state, meta, p.captured_train, on_value)
 
     units: list[list[str]] = []
     work: list[list[float]] = []
