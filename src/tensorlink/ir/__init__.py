@@ -3,8 +3,8 @@
 ``capture`` (user side) exports a module with torch.export into a JSON graph of allow-listed aten
 operators plus safetensors weights; ``load`` (worker side) validates every part of it and returns a
 module that interprets it. ``split`` (user side) cuts one captured whole model into pipeline stage
-programs, and ``profile`` gives the partitioner its cost units. See
-../shared/research/pipeline-and-stage-ir.md for why not torch.export.load.
+programs, and ``profile`` gives the partitioner its cost units. Workers never call torch.export.load on
+peer bytes: it unpickles (sample inputs, weights flagged ``use_pickle``) and exec()s guard code.
 """
 
 from tensorlink.ir.capture import capture, cross_stage_ties

@@ -2,7 +2,7 @@
 
 py-libp2p sets its logger to propagate=False and prints through Python's last-resort handler; DHT
 streams log thousands of harmless "Failed to read DHT message" warnings, and shutdown prints
-LifecycleError tracebacks (../shared/research/libp2p-measurements.md §2, §5).
+LifecycleError tracebacks (both seen with py-libp2p 0.8.1).
 """
 
 from __future__ import annotations

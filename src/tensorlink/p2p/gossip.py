@@ -1,6 +1,6 @@
 """GossipSub topics for heartbeats and job announcements, with a validator on every node.
 
-py-libp2p 0.8.1's defaults do not fit TensorLink (``../shared/research/libp2p-measurements.md`` §3): the
+py-libp2p 0.8.1's defaults do not fit TensorLink (measured): the
 heartbeat is 120 s, the router silently stops forwarding past 10 msg/s per forwarding peer per topic, the
 outbound and subscription queues hold 32 entries and drop the rest. Here every node starts Pubsub and
 GossipSub with a 1 s heartbeat, mesh degrees for swarms of 5–100 nodes, larger queues, and one
@@ -73,7 +73,7 @@ HEARTBEATS = Topic(HEARTBEAT_TOPIC, Heartbeat, rate_per_s=2.0, burst=10, signer_
 JOBS = Topic(JOBS_TOPIC, JobRecord, rate_per_s=0.5, burst=20, signer_field="validator")
 TOPICS: tuple[Topic, ...] = (HEARTBEATS, JOBS)
 
-# GossipSub settings (research §3). Mesh degree D=6 (4..12) as in go-libp2p: ≥4 paths to every node keeps
+# GossipSub settings. Mesh degree D=6 (4..12) as in go-libp2p: ≥4 paths to every node keeps
 # delivery through churn in a 5-node swarm, and a 100-node swarm stays at ~2-3 hops.
 DEGREE, DEGREE_LOW, DEGREE_HIGH = 6, 4, 12
 HEARTBEAT_INTERVAL_S = 1

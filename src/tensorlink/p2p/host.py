@@ -1,6 +1,6 @@
 """make_host(): the one place a libp2p host is built, with the settings that are not optional.
 
-Measured in ../shared/research/libp2p-measurements.md: the stock host also accepts plaintext and SECIO
+Measured with py-libp2p 0.8.1: the stock host also accepts plaintext and SECIO
 peers, adds 250 ms to every connect with its default of 3 connections per peer, and advertises
 /ip4/0.0.0.0 when it listens on a wildcard. Here: Noise only, Yamux only, one connection per peer,
 concrete announce addresses, and an optional pre-shared network key.

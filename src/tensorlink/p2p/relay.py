@@ -9,7 +9,7 @@
   at half its lifetime, re-reserve after the relay connection drops) and knows its circuit addresses
   (:meth:`NatTraversal.circuit_addrs`), which it should announce in place of its unreachable ones.
 
-py-libp2p 0.8.1 details handled here (research/libp2p-measurements.md §4): a reservation adds no
+py-libp2p 0.8.1 details handled here (measured): a reservation adds no
 ``/p2p-circuit`` address to ``host.get_addrs()``, so circuit addresses are built here; the swarm never
 dials relay addresses itself, so relayed dials go through the circuit transport directly; the stock
 hop handler lets a client reserve a slot *for another peer id* and applies none of its per-IP limits,

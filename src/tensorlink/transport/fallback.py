@@ -2,7 +2,7 @@
 or a punched hole (Noise already encrypts and authenticates the stream).
 
 py-libp2p's Yamux resets a stream when its writer waits more than 5 s for a window update, which a busy
-receiver would cause (research/libp2p-measurements.md §5). So the receiver here always drains the
+receiver would cause (measured with py-libp2p 0.8.1). So the receiver here always drains the
 stream into memory at once, and memory stays bounded by credit instead: a side may only send frames
 the other side has granted room for. A receiver that is slow for minutes makes the sender wait for
 credit, outside Yamux, with no timer.
