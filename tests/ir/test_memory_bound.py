@@ -1,7 +1,7 @@
 """A stage program's memory bound bounds: every route that made a forward allocate more than load() counted is
 refused (at load, or before the forward allocates anything), honest captured models still load and run at their
-declared maximum shapes, and their real peak memory, measured in a subprocess under RLIMIT_DATA, stays within
-REAL_FACTOR x the bound + REAL_SLACK.
+declared maximum shapes, and their forward and backward run in a subprocess whose data size (RLIMIT_DATA) may
+grow by no more than REAL_FACTOR x the bound + REAL_SLACK.
 
 The routes (each accepted by the old dry run, which summed node outputs at the declared maximum shapes only):
 sizes that shrink as the batch grows (a negative literal multiplier, a start or step taken from the batch in ``arange``
@@ -199,9 +199,12 @@ def test_real_peak_at_the_maximum_shapes_stays_within_the_bound(name: str, tmp_p
     bound = load(data).memory_bound
     allowance = REAL_FACTOR * bound + REAL_SLACK
     status, report = probe(data, _max_shapes(data), allowance, tmp_path)
+    # The limit is RLIMIT_DATA (every private writable mapping, so every tensor). The peak RSS is printed, not
+    # asserted: it also counts file-backed pages, such as libtorch's kernel code faulted in on first use at a new
+    # shape (the CNN's peak measured 8.8 MiB on one machine and 21 MiB on a fresh build of another, both runs
+    # within the same data limit).
     assert status == 0, f"{name}: forward and backward at the maximum shapes ran out of {allowance} bytes: {report}"
-    assert report["peak"] <= allowance, report
-    print(f"{name}: bound {bound / 2**20:.2f} MiB, real peak {report['peak'] / 2**20:.2f} MiB")
+    print(f"{name}: bound {bound / 2**20:.2f} MiB, real peak RSS {report['peak'] / 2**20:.2f} MiB")
 
 
 @pytest.mark.slow
