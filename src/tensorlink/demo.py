@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -252,16 +252,7 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-# -- the story -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Story:
-    args: argparse.Namespace
-    console: Any
-    losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    marks: dict[str, float] = field(default_factory=dict)
+# -- the run --------------------------------------------------------------------------------------------
 
 
 def lr_factor(progress: float, warmup: float = 0.05) -> float:
@@ -272,30 +263,50 @@ def lr_factor(progress: float, warmup: float = 0.05) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def run(args: argparse.Namespace) -> int:
-    from rich import box
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.table import Table
-    from rich.text import Text
+class Trainer:
+    """One optimizer step per call on the offloaded model, with the demo's schedule: warm-up then cosine,
+    following the steps or, under --time-limit, the clock, whichever is further along."""
 
-    import tensorlink
+    def __init__(self, model: Any, corpus: Corpus, args: argparse.Namespace) -> None:
+        self.model, self.corpus, self.args = model, corpus, args
+        self.t0 = 0.0  # when the timed training began (after the first step); 0: not yet
+        self.steps = 0
+        self.losses: list[float] = []
+        self.opt = model.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: lr_factor(self.progress()))
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.tokens_per_step = args.batch_size * args.seq_len
+
+    def progress(self) -> float:
+        by_steps = self.steps / self.args.steps
+        if self.args.time_limit > 0 and self.t0:
+            return max(by_steps, (time.monotonic() - self.t0) / self.args.time_limit)
+        return by_steps
+
+    def step(self) -> float:
+        x = self.corpus.batch(self.args.batch_size, self.args.seq_len, self.gen)
+        loss = self.model(input_ids=x, labels=x).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.steps += 1
+        self.sched.step()
+        value = loss.detach().item()
+        self.losses.append(value)
+        return value
+
+
+def _console() -> Any:
+    from rich.console import Console
 
     console = Console(highlight=False)
     if not console.is_terminal:  # a log or a pipe: wide enough for the tables, whatever COLUMNS says
         console = Console(highlight=False, width=120)
-    t_start = time.monotonic()
-    console.rule("[bold]TensorLink demo: one model, trained across a swarm")
-    console.print(Panel(INTRO.format(workers=args.workers), title="What happens", expand=False, width=100))
+    return console
 
+
+def _prepare(console: Any, args: argparse.Namespace) -> tuple[Corpus, Any, float]:
+    """The data, the local model and its held-out loss before training, each described."""
     # Leave the cores to the workers: in this process torch only captures the model and evaluates once.
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
     corpus = Corpus.load(args.seq_len, args.batch_size)
@@ -317,6 +328,226 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"Before training the held-out loss is [bold]{start_held:.3f}[/] (chance: ln {VOCAB} = {math.log(VOCAB):.3f})."
     )
+    return corpus, local, start_held
+
+
+def _show_swarm(console: Any, swarm: Any, up_s: float) -> dict[str, str]:
+    """The swarm's nodes and what each offers; returns peer id -> node name."""
+    from rich.table import Table
+
+    console.print(f"[green]✓[/] Swarm up in {up_s:.1f} s:")
+    nodes = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
+    for col in ("node", "peer id", "listens on", "offers"):
+        nodes.add_column(col, overflow="fold")
+    offers = {w["peer_id"]: w for w in swarm.validators[0].status()["workers"]}
+    for node in swarm.nodes:
+        rec = offers.get(node.peer_id)
+        offer = "matches jobs to workers"
+        if rec:
+            gb, gflops = rec.get("memory_bytes", 0) / 1e9, rec.get("gflops", 0)
+            offer = f"{rec.get('device', '?')} · {gb:.1f} GB · {gflops:.0f} GFLOP/s"
+        nodes.add_row(node.name, node.peer_id, _host_port(node.addr), offer)
+    console.print(nodes)
+    return {node.peer_id: node.name for node in swarm.nodes}
+
+
+def _first_step(
+    console: Any, trainer: Trainer, local: Any, names: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first step sets the pipeline up; show the plan it got. Returns the stages and what each holds."""
+    from rich.table import Table
+
+    with console.status(
+        "First step: capturing the model with torch.export, asking the validator for workers, splitting it "
+        "into stages by measured cost, and loading each stage on its worker…"
+    ):
+        t0 = time.monotonic()
+        trainer.step()
+        setup_s = time.monotonic() - t0
+    stages = trainer.model.stages()
+    layers = describe_stages(stages, local)
+    console.print(f"[green]✓[/] Pipeline set up and first step done in {setup_s:.1f} s. The plan:")
+    plan = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
+    for col in ("stage", "runs on", "peer id", "holds", "parameters"):
+        plan.add_column(col, justify="right" if col == "parameters" else "left")
+    for s, what in zip(stages, layers, strict=True):
+        where = s["where"]
+        plan.add_row(str(s["stage"]), names.get(where, where), short_id(where), what, f"{s['parameters']:,}")
+    console.print(plan)
+    return stages, layers
+
+
+def _train(console: Any, args: argparse.Namespace, trainer: Trainer, holders: str) -> float:
+    """The remaining steps under a progress bar; returns the seconds they took."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    losses = trainer.losses
+    console.print(
+        f"Training: {args.steps} steps of {args.batch_size}×{args.seq_len} bytes in {args.micro_batches} "
+        f"micro-batches (1F1B), AdamW lr {args.lr:g} with warm-up and cosine decay"
+        + (f", at most {args.time_limit:.0f} s" if args.time_limit > 0 else "")
+        + f". Loss at step 1: [bold]{losses[0]:.3f}[/]."
+    )
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("loss [bold cyan]{task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[where]}"),
+        console=console,
+    )
+    report_every = max(1, args.steps // 10)
+    smooth = losses[0]
+    ended_early = False
+    trainer.t0 = time.monotonic()
+    with progress:
+        task = progress.add_task("training", total=args.steps, completed=1, loss=f"{smooth:.3f}", tps="-",
+                                 where=holders)  # fmt: skip
+        tps = 0.0
+        for step in range(2, args.steps + 1):
+            t0 = time.monotonic()
+            value = trainer.step()
+            dt = time.monotonic() - t0
+            smooth = 0.9 * smooth + 0.1 * value
+            tps = trainer.tokens_per_step / dt if not tps else 0.8 * tps + 0.2 * trainer.tokens_per_step / dt
+            progress.update(task, completed=step, loss=f"{smooth:.3f}", tps=f"{tps:,.0f}")
+            if step % report_every == 0 or step == args.steps:
+                progress.console.print(
+                    f"  step {step:4d}  loss {smooth:.3f}  {tps:6,.0f} tok/s  "
+                    f"lr {trainer.opt.param_groups[0]['lr']:.1e}  {time.monotonic() - trainer.t0:5.1f} s"
+                )
+            if args.time_limit > 0 and time.monotonic() - trainer.t0 > args.time_limit and step < args.steps:
+                ended_early = True
+                break
+    train_s = time.monotonic() - trainer.t0
+    if ended_early:
+        console.print(
+            f"[yellow]Time limit reached after {len(losses)} of {args.steps} steps[/] (--time-limit "
+            f"{args.time_limit:.0f} s; the learning rate schedule followed the clock)."
+        )
+    return train_s
+
+
+def _sample(console: Any, args: argparse.Namespace, model: Any, local: Any, corpus: Corpus) -> tuple[float, float]:
+    """The held-out loss on the workers, a greedy sample there and a sampled one here with the weights fetched
+    back. Returns the held-out loss on the workers and here."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    model.eval()
+    with torch.no_grad():
+        end_held = float(model(input_ids=corpus.held_out, labels=corpus.held_out).loss)
+    prompt_ids = torch.tensor([encode(args.prompt)], dtype=torch.long)
+    with console.status(f"Generating {args.sample_tokens} bytes greedily on the workers…"):
+        t0 = time.monotonic()
+        out = model.generate(prompt_ids, max_new_tokens=args.sample_tokens)
+        gen_s = time.monotonic() - t0
+    new = decode(out[0, prompt_ids.shape[1] :].tolist())
+    # The weights come back from the workers (state_dict() does the same): the local copy must score the
+    # held-out text as the workers did, and it can sample, which greedy decoding on the workers cannot.
+    model.fetch()
+    local.eval()
+    with torch.no_grad():
+        fetched_held = float(local(input_ids=corpus.held_out, labels=corpus.held_out).loss)
+        torch.manual_seed(args.seed)
+        sampled = local.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=args.sample_tokens,
+            do_sample=True, temperature=0.8, top_k=40, pad_token_id=END,
+        )  # fmt: skip
+    sample = Text()
+    sample.append(f"greedy, on the workers ({gen_s:.1f} s):\n", style="dim")
+    sample.append(args.prompt, style="bold")
+    sample.append(new)
+    sample.append("\n\nsampled (temperature 0.8) on this machine with the weights fetched back:\n", style="dim")
+    sample.append(args.prompt, style="bold")
+    sample.append(decode(sampled[0, prompt_ids.shape[1] :].tolist()))
+    console.print(Panel(sample, title=f"Samples ({args.sample_tokens} bytes each)", expand=False, width=100))
+    return end_held, fetched_held
+
+
+def _show_stages(
+    console: Any, swarm: Any, stages: list[dict[str, Any]], layers: list[str], names: dict[str, str]
+) -> None:
+    """Where each stage ran, as the workers themselves report it."""
+    from rich import box
+    from rich.table import Table
+
+    reports: dict[str, dict[str, Any]] = {}
+    for node in swarm.workers:
+        try:
+            reports[node.peer_id] = node.status()
+        except OSError:
+            pass
+    table = Table(title="Where each stage ran", header_style="bold", box=box.SIMPLE_HEAD)
+    for col in ("stage", "ran on", "holds", "parameters", "weights + AdamW", "steps run¹", "data plane out / in"):
+        table.add_column(col, justify="left" if col in ("stage", "ran on", "holds") else "right")
+    for s, what in zip(stages, layers, strict=True):
+        where = s["where"]
+        status = reports.get(where, {})
+        running = [r for r in status.get("running", []) if r.get("stage") == s["stage"]]
+        steps_run = str(running[0].get("steps", "?")) if running else ("-" if where not in names else "?")
+        channels = status.get("data_plane", {}).get("channels", [])
+        sent = sum(c.get("bytes_sent", 0) for c in channels)
+        recv = sum(c.get("bytes_received", 0) for c in channels)
+        traffic = f"{fmt_bytes(sent)} / {fmt_bytes(recv)}" if channels else "-"
+        table.add_row(
+            str(s["stage"]),
+            f"{names[where]}\n{short_id(where)}" if where in names else where,
+            what,
+            f"{s['parameters']:,}",
+            fmt_bytes(s["parameters"] * 4 * 3),
+            steps_run,
+            traffic,
+        )
+    console.print(table)
+    console.print("[dim]¹ as the worker reports it: training steps, the held-out check and one per sampled byte[/]")
+
+
+def _summarize(console: Any, trainer: Trainer, held: tuple[float, float, float], train_s: float, t_start: float) -> int:
+    """The closing lines: training and held-out loss, speed. Returns the exit status (0: the loss went down).
+    ``held``: the held-out loss before training, after it on the workers, and here with the fetched weights."""
+    start_held, end_held, fetched_held = held
+    losses = trainer.losses
+    steps_done = len(losses)
+    first = sum(losses[:5]) / len(losses[:5])
+    last = sum(losses[-10:]) / len(losses[-10:])
+    mean_tps = trainer.tokens_per_step * (steps_done - 1) / train_s if steps_done > 1 else 0.0
+    verdict = "[green]it learned[/]" if end_held < start_held - 1.0 else "[yellow]it barely moved[/]"
+    console.print(
+        f"[bold]Training loss[/] {first:.3f} (first 5 steps) → [bold]{last:.3f}[/] (last 10 of {steps_done}); "
+        f"[bold]held-out loss[/] {start_held:.3f} → [bold]{end_held:.3f}[/]: {verdict}."
+    )
+    same = "the same" if abs(fetched_held - end_held) < 1e-3 else "[red]a different[/]"
+    console.print(
+        f"The weights fetched back from the workers give {same} held-out loss here ({fetched_held:.3f}). "
+        f"Training took {train_s:.0f} s at {mean_tps:,.0f} tokens/s on average; the whole demo "
+        f"{time.monotonic() - t_start:.0f} s."
+    )
+    console.print("[dim]Benchmarks of the parts (wire codec, Stage IR, data plane): make bench.[/]")
+    return 0 if end_held < start_held else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo, step by step: describe the model, start the swarm, offload and plan, train, sample, report."""
+    from rich.panel import Panel
+
+    import tensorlink
+
+    console = _console()
+    t_start = time.monotonic()
+    console.rule("[bold]TensorLink demo: one model, trained across a swarm")
+    console.print(Panel(INTRO.format(workers=args.workers), title="What happens", expand=False, width=100))
+    corpus, local, start_held = _prepare(console, args)
 
     # A generous ready timeout: on a busy machine a worker that dialled the validator before it listened
     # can wait tens of seconds before libp2p dials it again (its negative cache).
@@ -331,21 +562,7 @@ def run(args: argparse.Namespace) -> int:
         swarm = swarm_cm.__enter__()
     model = None
     try:
-        console.print(f"[green]✓[/] Swarm up in {time.monotonic() - t0:.1f} s:")
-        nodes = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
-        for col in ("node", "peer id", "listens on", "offers"):
-            nodes.add_column(col, overflow="fold")
-        offers = {w["peer_id"]: w for w in swarm.validators[0].status()["workers"]}
-        for node in swarm.nodes:
-            rec = offers.get(node.peer_id)
-            offer = "matches jobs to workers"
-            if rec:
-                gb, gflops = rec.get("memory_bytes", 0) / 1e9, rec.get("gflops", 0)
-                offer = f"{rec.get('device', '?')} · {gb:.1f} GB · {gflops:.0f} GFLOP/s"
-            nodes.add_row(node.name, node.peer_id, _host_port(node.addr), offer)
-        console.print(nodes)
-        names = {node.peer_id: node.name for node in swarm.nodes}
-
+        names = _show_swarm(console, swarm, time.monotonic() - t0)
         model = tensorlink.offload(
             local,
             network=swarm,
@@ -355,175 +572,13 @@ def run(args: argparse.Namespace) -> int:
             private=args.private,
             outputs="loss",
         )
-        opt = model.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-        clock = {"t0": 0.0, "step": 0}
-
-        def progress_now() -> float:
-            by_steps = clock["step"] / args.steps
-            if args.time_limit > 0 and clock["t0"]:
-                return max(by_steps, (time.monotonic() - clock["t0"]) / args.time_limit)
-            return by_steps
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(progress_now()))
-        gen = torch.Generator().manual_seed(args.seed)
-        tokens_per_step = args.batch_size * args.seq_len
-        losses: list[float] = []
-
-        def train_step() -> float:
-            x = corpus.batch(args.batch_size, args.seq_len, gen)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            clock["step"] += 1
-            sched.step()
-            value = loss.detach().item()
-            losses.append(value)
-            return value
-
-        with console.status(
-            "First step: capturing the model with torch.export, asking the validator for workers, splitting it "
-            "into stages by measured cost, and loading each stage on its worker…"
-        ):
-            t0 = time.monotonic()
-            train_step()
-            setup_s = time.monotonic() - t0
-        stages = model.stages()
-        layers = describe_stages(stages, local)
-        console.print(f"[green]✓[/] Pipeline set up and first step done in {setup_s:.1f} s. The plan:")
-        plan = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
-        for col in ("stage", "runs on", "peer id", "holds", "parameters"):
-            plan.add_column(col, justify="right" if col == "parameters" else "left")
-        for s, what in zip(stages, layers, strict=True):
-            where = s["where"]
-            plan.add_row(str(s["stage"]), names.get(where, where), short_id(where), what, f"{s['parameters']:,}")
-        console.print(plan)
+        trainer = Trainer(model, corpus, args)
+        stages, layers = _first_step(console, trainer, local, names)
         holders = " → ".join(f"{names.get(s['where'], s['where'])}:s{s['stage']}" for s in stages)
-
-        console.print(
-            f"Training: {args.steps} steps of {args.batch_size}×{args.seq_len} bytes in {args.micro_batches} "
-            f"micro-batches (1F1B), AdamW lr {args.lr:g} with warm-up and cosine decay"
-            + (f", at most {args.time_limit:.0f} s" if args.time_limit > 0 else "")
-            + f". Loss at step 1: [bold]{losses[0]:.3f}[/]."
-        )
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("loss [bold cyan]{task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("[dim]{task.fields[where]}"),
-            console=console,
-        )
-        report_every = max(1, args.steps // 10)
-        smooth = losses[0]
-        ended_early = False
-        clock["t0"] = time.monotonic()
-        with progress:
-            task = progress.add_task("training", total=args.steps, completed=1, loss=f"{smooth:.3f}", tps="-",
-                                     where=holders)  # fmt: skip
-            tps = 0.0
-            for step in range(2, args.steps + 1):
-                t0 = time.monotonic()
-                value = train_step()
-                dt = time.monotonic() - t0
-                smooth = 0.9 * smooth + 0.1 * value
-                tps = tokens_per_step / dt if not tps else 0.8 * tps + 0.2 * tokens_per_step / dt
-                progress.update(task, completed=step, loss=f"{smooth:.3f}", tps=f"{tps:,.0f}")
-                if step % report_every == 0 or step == args.steps:
-                    progress.console.print(
-                        f"  step {step:4d}  loss {smooth:.3f}  {tps:6,.0f} tok/s  "
-                        f"lr {opt.param_groups[0]['lr']:.1e}  {time.monotonic() - clock['t0']:5.1f} s"
-                    )
-                if args.time_limit > 0 and time.monotonic() - clock["t0"] > args.time_limit and step < args.steps:
-                    ended_early = True
-                    break
-        train_s = time.monotonic() - clock["t0"]
-        steps_done = len(losses)
-        if ended_early:
-            console.print(
-                f"[yellow]Time limit reached after {steps_done} of {args.steps} steps[/] (--time-limit "
-                f"{args.time_limit:.0f} s; the learning rate schedule followed the clock)."
-            )
-
-        model.eval()
-        with torch.no_grad():
-            end_held = float(model(input_ids=corpus.held_out, labels=corpus.held_out).loss)
-        prompt_ids = torch.tensor([encode(args.prompt)], dtype=torch.long)
-        with console.status(f"Generating {args.sample_tokens} bytes greedily on the workers…"):
-            t0 = time.monotonic()
-            out = model.generate(prompt_ids, max_new_tokens=args.sample_tokens)
-            gen_s = time.monotonic() - t0
-        new = decode(out[0, prompt_ids.shape[1] :].tolist())
-        # The weights come back from the workers (state_dict() does the same): the local copy must score the
-        # held-out text as the workers did, and it can sample, which greedy decoding on the workers cannot.
-        model.fetch()
-        local.eval()
-        with torch.no_grad():
-            fetched_held = float(local(input_ids=corpus.held_out, labels=corpus.held_out).loss)
-            torch.manual_seed(args.seed)
-            sampled = local.generate(
-                prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=args.sample_tokens,
-                do_sample=True, temperature=0.8, top_k=40, pad_token_id=END,
-            )  # fmt: skip
-        sample = Text()
-        sample.append(f"greedy, on the workers ({gen_s:.1f} s):\n", style="dim")
-        sample.append(args.prompt, style="bold")
-        sample.append(new)
-        sample.append("\n\nsampled (temperature 0.8) on this machine with the weights fetched back:\n", style="dim")
-        sample.append(args.prompt, style="bold")
-        sample.append(decode(sampled[0, prompt_ids.shape[1] :].tolist()))
-        console.print(Panel(sample, title=f"Samples ({args.sample_tokens} bytes each)", expand=False, width=100))
-
-        # Where each stage ran, as the workers themselves report it.
-        reports: dict[str, dict[str, Any]] = {}
-        for node in swarm.workers:
-            try:
-                reports[node.peer_id] = node.status()
-            except OSError:
-                pass
-        table = Table(title="Where each stage ran", header_style="bold", box=box.SIMPLE_HEAD)
-        for col in ("stage", "ran on", "holds", "parameters", "weights + AdamW", "steps run¹", "data plane out / in"):
-            table.add_column(col, justify="left" if col in ("stage", "ran on", "holds") else "right")
-        for s, what in zip(stages, layers, strict=True):
-            where = s["where"]
-            status = reports.get(where, {})
-            running = [r for r in status.get("running", []) if r.get("stage") == s["stage"]]
-            steps_run = str(running[0].get("steps", "?")) if running else ("-" if where not in names else "?")
-            channels = status.get("data_plane", {}).get("channels", [])
-            sent = sum(c.get("bytes_sent", 0) for c in channels)
-            recv = sum(c.get("bytes_received", 0) for c in channels)
-            traffic = f"{fmt_bytes(sent)} / {fmt_bytes(recv)}" if channels else "-"
-            table.add_row(
-                str(s["stage"]),
-                f"{names[where]}\n{short_id(where)}" if where in names else where,
-                what,
-                f"{s['parameters']:,}",
-                fmt_bytes(s["parameters"] * 4 * 3),
-                steps_run,
-                traffic,
-            )
-        console.print(table)
-        console.print("[dim]¹ as the worker reports it: training steps, the held-out check and one per sampled byte[/]")
-
-        first = sum(losses[:5]) / len(losses[:5])
-        last = sum(losses[-10:]) / len(losses[-10:])
-        mean_tps = tokens_per_step * (steps_done - 1) / train_s if steps_done > 1 else 0.0
-        verdict = "[green]it learned[/]" if end_held < start_held - 1.0 else "[yellow]it barely moved[/]"
-        console.print(
-            f"[bold]Training loss[/] {first:.3f} (first 5 steps) → [bold]{last:.3f}[/] (last 10 of {steps_done}); "
-            f"[bold]held-out loss[/] {start_held:.3f} → [bold]{end_held:.3f}[/]: {verdict}."
-        )
-        same = "the same" if abs(fetched_held - end_held) < 1e-3 else "[red]a different[/]"
-        console.print(
-            f"The weights fetched back from the workers give {same} held-out loss here ({fetched_held:.3f}). "
-            f"Training took {train_s:.0f} s at {mean_tps:,.0f} tokens/s on average; the whole demo "
-            f"{time.monotonic() - t_start:.0f} s."
-        )
-        console.print("[dim]Benchmarks of the parts (wire codec, Stage IR, data plane): make bench.[/]")
-        return 0 if end_held < start_held else 1
+        train_s = _train(console, args, trainer, holders)
+        end_held, fetched_held = _sample(console, args, model, local, corpus)
+        _show_stages(console, swarm, stages, layers, names)
+        return _summarize(console, trainer, (start_held, end_held, fetched_held), train_s, t_start)
     finally:
         if model is not None:
             with console.status("Releasing the workers and stopping the swarm…"):
