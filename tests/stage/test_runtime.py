@@ -114,7 +114,7 @@ async def test_a_strict_mailbox_takes_only_expected_frames_once() -> None:
     mailbox.admit(key, frame)
     mailbox.put(key, tensor)
     assert mailbox.buffered_bytes == tensor.nbytes
-    with pytest.raises(FrameRefused, match="unsolicited .* or a duplicate"):
+    with pytest.raises(FrameRefused, match="a duplicate USER_OUT frame .* still unread"):
         mailbox.admit(key, frame)
     assert torch.equal(await mailbox.get(key), tensor)
     assert mailbox.buffered_bytes == 0
@@ -125,3 +125,21 @@ async def test_a_strict_mailbox_takes_only_expected_frames_once() -> None:
     mailbox.expect(wrong, lambda got: None if got.shape == (2, 3) else f"shape {got.shape}, expected (2, 3)")
     with pytest.raises(FrameRefused, match=r"a wrong USER_OUT frame .*: shape \(3, 2\), expected \(2, 3\)"):
         mailbox.admit(wrong, Announced.of_tensor(torch.ones(3, 2)))
+
+
+async def test_a_worker_mailbox_refuses_a_repeated_frame_and_counts_each_byte_once() -> None:
+    """A neighbour that repeats a frame cannot pin the stage's room to buffer frames: the copy is refused while
+    the first is unread, so buffered bytes go back to 0 once it is taken; after that the key may come again."""
+    mailbox = Mailbox()
+    tensor = torch.ones(4)
+    key = (int(Lane.FWD), 3, 0, 0)
+    mailbox.admit(key, Announced.of_tensor(tensor))
+    mailbox.put(key, tensor)
+    with pytest.raises(FrameRefused, match=r"a duplicate FWD frame of step 3, micro-batch 0, index 0"):
+        mailbox.admit(key, Announced.of_tensor(tensor))
+    assert mailbox.buffered_bytes == tensor.nbytes
+    assert torch.equal(await mailbox.get(key), tensor)
+    assert mailbox.buffered_bytes == 0
+    mailbox.admit(key, Announced.of_tensor(tensor))
+    mailbox.put(key, tensor)
+    assert mailbox.buffered_bytes == tensor.nbytes

@@ -106,6 +106,8 @@ class Mailbox:
     def admit(self, key: Key, frame: Announced) -> None:
         """Take the frame for ``key`` or raise FrameRefused, before its payload is read. Its bytes count as
         buffered from here on (frames on their way count against ``room`` too)."""
+        if key in self._items:  # a second copy would be filed over the first and its bytes counted twice
+            raise FrameRefused(f"a duplicate {describe_key(key)} (the first one is still unread)")
         if self._expected is not None:
             check = self._expected.pop(key, None)
             if check is None:
