@@ -229,9 +229,9 @@ class Node:
                 await joined.wait()
             if joined.is_set():
                 await self._check_reachability()
-            self._print_banner(port)
             if self.assignments is not None and not self.trust.listed and self.staked is None:
                 log.warning("this worker will refuse every stage: %s", NO_RULE_HINT)
+            self._print_banner(port)  # last: whoever waits for the node to be ready waits for the banner
             nursery.start_soon(self._reachability_forever)
             nursery.start_soon(self._publish_forever)
             nursery.start_soon(self._heartbeat_forever)
