@@ -25,7 +25,7 @@ def __getattr__(name: str) -> object:
     if name in ("offload", "OffloadedModel", "OffloadError"):
         from tensorlink.pipeline import offload as module
     elif name == "LocalSwarm":
-        from tensorlink.pipeline import swarm as module  # type: ignore[no-redef]
+        from tensorlink import local as module  # type: ignore[no-redef]
     else:
         raise AttributeError(f"module 'tensorlink' has no attribute {name!r}")
     return getattr(module, name)
