@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorlink.pipeline.swarm import LocalSwarm, SwarmError
+from tensorlink.local import LocalSwarm, SwarmError
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
