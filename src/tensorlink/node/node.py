@@ -67,6 +67,7 @@ class Node:
                 pool_bytes=int(config.channel_memory_gb * (1 << 30)),
                 cipher=config.channel_cipher,
             ),
+            admit=self._admits_channel,
         )
         self.gossip = Gossip(self.host)
         self.staked: Any = self._staked_validators()  # validator.stake.StakedValidators where a chain is set
@@ -392,6 +393,11 @@ class Node:
             log.info("%s appeared: %s", namespace.name, peer)
         if old is None or record.seq > old.seq:
             known[peer] = record
+
+    def _admits_channel(self, peer: str, job: bytes) -> bool:
+        """Who may open a data-plane channel here: on a worker only the owner and neighbours of a stage it
+        was assigned (set before the channel service serves); elsewhere any authenticated peer."""
+        return self.assignments is None or self.assignments.admits(peer, job)
 
     def _staked_validators(self) -> Any:
         """The chain rule (validator/stake.py) when a chain is configured, else None."""

@@ -139,6 +139,11 @@ class Assignments:
         entry = self._entries.get(job)
         return None if entry is None else entry.assign
 
+    def admits(self, peer: str, job: bytes) -> bool:
+        """Whether ``peer`` may open a channel for ``job`` here: its owner and the stage's two neighbours."""
+        assign = self.get(job)
+        return assign is not None and peer in {assign.owner, assign.prev, assign.next}
+
     def claim(self, job: bytes) -> StageAssign | None:
         """Mark the job's stage as started by its owner: it no longer expires; None if nothing is assigned."""
         self._expire()

@@ -75,11 +75,6 @@ class StageHost:
         self.audit = audit  # keep digests of what owners send (--audit-inputs)
         self.sessions: dict[bytes, Session] = {}
         self._nursery: trio.Nursery | None = None
-        channels.admit = self._admit
-
-    def _admit(self, peer: str, job: bytes) -> bool:
-        assign = self.assignments.get(job)
-        return assign is not None and peer in {assign.owner, assign.prev, assign.next}
 
     def status(self) -> list[dict[str, Any]]:
         return [s.status() for s in self.sessions.values()]
