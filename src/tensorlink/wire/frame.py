@@ -8,7 +8,7 @@ with ``torch.frombuffer``; pass a writable buffer (bytearray, pool buffer) to ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -24,6 +24,9 @@ from tensorlink.wire.compression import (
 from tensorlink.wire.dtypes import code_of, dtype_of
 from tensorlink.wire.errors import ChecksumError, WireError
 from tensorlink.wire.limits import DEFAULT_INT8_BLOCK, MAX_FRAME_PAYLOAD
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 HEADER_SIZE: int = _C.HEADER_SIZE
 FrameHeader = _C.FrameHeader
@@ -118,12 +121,12 @@ def encode_frame(
     return EncodedFrame(_C.encode_header(header, max_payload), payload)
 
 
-def decode_header(data: object, *, max_payload: int = MAX_FRAME_PAYLOAD) -> FrameHeader:
+def decode_header(data: ReadableBuffer, *, max_payload: int = MAX_FRAME_PAYLOAD) -> FrameHeader:
     """Validate the first HEADER_SIZE bytes of data; raises WireError naming the first problem."""
     return _C.decode_header(data, max_payload)
 
 
-def decode_payload(header: FrameHeader, payload: object, *, verify: bool = True) -> torch.Tensor:
+def decode_payload(header: FrameHeader, payload: ReadableBuffer, *, verify: bool = True) -> torch.Tensor:
     """The tensor a validated header describes, built over payload (no copy when uncompressed)."""
     view = memoryview(payload).cast("B")
     if view.nbytes != header.payload_len:
@@ -152,7 +155,7 @@ def decode_payload(header: FrameHeader, payload: object, *, verify: bool = True)
     return cast.to(dtype).reshape(shape)
 
 
-def decode_frame(data: object, *, max_payload: int = MAX_FRAME_PAYLOAD, verify: bool = True) -> Frame:
+def decode_frame(data: ReadableBuffer, *, max_payload: int = MAX_FRAME_PAYLOAD, verify: bool = True) -> Frame:
     """Decode one whole frame held in a single buffer (header followed by exactly its payload)."""
     view = memoryview(data).cast("B")
     header = decode_header(view, max_payload=max_payload)

@@ -8,7 +8,7 @@ capabilities add their message kinds to ``MESSAGE_TYPES``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, overload
 
 import msgspec
 
@@ -30,13 +30,15 @@ Cipher = Literal["aes-128-gcm", "aes-256-gcm"]
 
 
 class Message(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Base of every control message. ``kind`` (the tag) and ``v`` (protocol version) are on the wire."""
+    """Base of every control message. ``kind`` (the tag) and ``v`` (protocol version) are on the wire.
+
+    Subclasses repeat ``frozen=True``: msgspec inherits it, but type checkers (PEP 681) do not."""
 
     v: Annotated[int, msgspec.Meta(ge=0, le=65535)] = PROTOCOL_VERSION
     max_bytes: ClassVar[int] = 1024
 
 
-class Hello(Message, tag="hello"):
+class Hello(Message, tag="hello", frozen=True):
     """First message on a TensorLink stream: who is speaking and which software."""
 
     role: Role
@@ -44,7 +46,7 @@ class Hello(Message, tag="hello"):
     max_bytes: ClassVar[int] = 512
 
 
-class Heartbeat(Message, tag="heartbeat"):
+class Heartbeat(Message, tag="heartbeat", frozen=True):
     """Periodic liveness and load of a peer, gossiped."""
 
     peer_id: PeerId
@@ -56,7 +58,7 @@ class Heartbeat(Message, tag="heartbeat"):
     max_bytes: ClassVar[int] = 512
 
 
-class WorkerCapability(Message, tag="worker_capability"):
+class WorkerCapability(Message, tag="worker_capability", frozen=True):
     """What a worker offers, measured at start: published in the DHT."""
 
     peer_id: PeerId
@@ -74,7 +76,7 @@ class WorkerCapability(Message, tag="worker_capability"):
             raise ValueError("free_memory_bytes exceeds memory_bytes")
 
 
-class ValidatorPresence(Message, tag="validator_presence"):
+class ValidatorPresence(Message, tag="validator_presence", frozen=True):
     """A validator announcing itself in the DHT: users and workers find validators through these."""
 
     peer_id: PeerId
@@ -83,7 +85,7 @@ class ValidatorPresence(Message, tag="validator_presence"):
     max_bytes: ClassVar[int] = 8192
 
 
-class JobRecord(Message, tag="job_record"):
+class JobRecord(Message, tag="job_record", frozen=True):
     """A job as recorded by the validator that admitted it: who owns it and which workers run which stage."""
 
     job: JobId
@@ -94,7 +96,7 @@ class JobRecord(Message, tag="job_record"):
     max_bytes: ClassVar[int] = 16384
 
 
-class ChannelOffer(Message, tag="channel_offer"):
+class ChannelOffer(Message, tag="channel_offer", frozen=True):
     """Opens a data-plane channel for a job (tensorlink.transport): the opener's ephemeral X25519 key, a
     fresh nonce and the AEAD for a direct connection, all bound into the channel keys."""
 
@@ -105,7 +107,7 @@ class ChannelOffer(Message, tag="channel_offer"):
     max_bytes: ClassVar[int] = 512
 
 
-class ChannelAccept(Message, tag="channel_accept"):
+class ChannelAccept(Message, tag="channel_accept", frozen=True):
     """Answer to a ChannelOffer: the acceptor's ephemeral key, a one-time token the opener must present
     (sealed) on the direct TCP connection, and the acceptor's data-plane addresses (empty: no direct
     path is offered, the libp2p stream carries the frames)."""
@@ -117,7 +119,7 @@ class ChannelAccept(Message, tag="channel_accept"):
     max_bytes: ClassVar[int] = 8192
 
 
-class ChannelSelect(Message, tag="channel_select"):
+class ChannelSelect(Message, tag="channel_select", frozen=True):
     """The opener's choice after trying the direct path: ``direct`` (the TCP connection is up and
     authenticated, the stream closes) or the libp2p stream itself carries the frames."""
 
@@ -126,7 +128,7 @@ class ChannelSelect(Message, tag="channel_select"):
     max_bytes: ClassVar[int] = 512
 
 
-class ErrorReply(Message, tag="error"):
+class ErrorReply(Message, tag="error", frozen=True):
     """A refusal with a machine-readable code and a sentence for the log."""
 
     code: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*\Z")]
@@ -137,7 +139,7 @@ class ErrorReply(Message, tag="error"):
 Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 
 
-class DialBackRequest(Message, tag="dial_back_request"):
+class DialBackRequest(Message, tag="dial_back_request", frozen=True):
     """Asks a peer to dial the requester back over a fresh connection (tensorlink.p2p.reachability).
 
     ``addrs`` are the requester's own announced addresses; the server dials only the IP the request
@@ -148,14 +150,14 @@ class DialBackRequest(Message, tag="dial_back_request"):
     max_bytes: ClassVar[int] = 4608
 
 
-class DialBackProbe(Message, tag="dial_back_probe"):
+class DialBackProbe(Message, tag="dial_back_probe", frozen=True):
     """Sent by the server's prober over the fresh connection; the requester echoes it back unchanged."""
 
     nonce: Nonce
     max_bytes: ClassVar[int] = 128
 
 
-class DialBackResponse(Message, tag="dial_back_response"):
+class DialBackResponse(Message, tag="dial_back_response", frozen=True):
     """The outcome of a dial-back: ``ok`` (``addr`` answered with the right peer id and nonce),
     ``failed`` (every dialled address failed) or ``refused`` (nothing the server may dial)."""
 
@@ -186,7 +188,7 @@ StageIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_STAGES - 1)]
 UnitIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_UNITS - 1)]
 
 
-class JobRequest(Message, tag="job_request"):
+class JobRequest(Message, tag="job_request", frozen=True):
     """A user asking a validator for ``workers`` workers to run its model's stages. ``owner`` must be the
     peer sending it; ``optimizer_slots`` is the optimizer's per-parameter state copies (SGD 0, SGD with
     momentum 1, AdamW 2), which the memory each stage needs depends on."""
@@ -216,7 +218,7 @@ class StagePlacement(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("units must be [first, last] with first <= last")
 
 
-class JobPlan(Message, tag="job_plan"):
+class JobPlan(Message, tag="job_plan", frozen=True):
     """The validator's answer to a JobRequest: the stage of every unit (contiguous, from 0 up to
     n_stages - 1 in steps of 0 or 1) and where each remote stage runs. With ``private`` the first and
     last stages are the user's own and have no placement."""
@@ -238,7 +240,7 @@ class JobPlan(Message, tag="job_plan"):
             raise ValueError("a placement names a stage past n_stages")
 
 
-class StageAssign(Message, tag="stage_assign"):
+class StageAssign(Message, tag="stage_assign", frozen=True):
     """A validator assigning one stage of a job to a worker: who owns the job, the neighbours the stage
     exchanges activations with (None: the user, or nothing), and the memory to reserve."""
 
@@ -256,7 +258,7 @@ class StageAssign(Message, tag="stage_assign"):
             raise ValueError("stage must be below n_stages")
 
 
-class StageAssigned(Message, tag="stage_assigned"):
+class StageAssigned(Message, tag="stage_assigned", frozen=True):
     """A worker accepting a StageAssign (a refusal is an ErrorReply with a code)."""
 
     job: JobId
@@ -285,7 +287,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
 MAX_MESSAGE_BYTES = max(t.max_bytes for t in MESSAGE_TYPES)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Union[MESSAGE_TYPES])  # type: ignore[valid-type]
+_decoder = msgspec.msgpack.Decoder(Union[MESSAGE_TYPES])
 
 
 class _VersionOnly(msgspec.Struct):
@@ -304,7 +306,11 @@ def encode_message(msg: Message) -> bytes:
     return data
 
 
-def decode_message(data: bytes | bytearray | memoryview, expect: type[M] | None = None) -> M | Message:
+@overload
+def decode_message(data: bytes | bytearray | memoryview, expect: type[M]) -> M: ...
+@overload
+def decode_message(data: bytes | bytearray | memoryview, expect: None = None) -> Message: ...
+def decode_message(data: bytes | bytearray | memoryview, expect: type[Message] | None = None) -> Message:
     """Parse and validate one message; ``expect`` narrows the accepted kind, and its size cap is then
     checked before parsing (a DHT record holding a WorkerCapability cannot make us parse 2 MiB)."""
     size = memoryview(data).nbytes
