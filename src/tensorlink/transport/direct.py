@@ -95,7 +95,7 @@ class DirectChannel(Channel):
             sealed.start_send(frame.header, frame.payload)
             if frame.nbytes <= INLINE_BYTES:
                 while not sealed.pump_send(False):
-                    await trio.lowlevel.wait_writable(self._sock)
+                    await trio.lowlevel.wait_writable(self._sock.fileno())
             else:
                 await self._in_thread(sealed.pump_send, True)
         except trio.Cancelled:
@@ -116,7 +116,9 @@ class DirectChannel(Channel):
                 if status == FRAME_READY:
                     break
                 if screen and sealed.incoming:  # a header is in, no buffer taken for its payload yet
-                    self._admit(sealed.header)
+                    head = sealed.header
+                    assert head is not None  # incoming is non-zero only once the header is in
+                    self._admit(head)
                     self._screened = True
                     if sealed.incoming <= INLINE_BYTES:
                         continue  # the payload may wait in the read-ahead, not the socket: pump before waiting
@@ -128,7 +130,7 @@ class DirectChannel(Channel):
                 if time.perf_counter() < spin_until:
                     await trio.lowlevel.checkpoint()  # other tasks run; this core stays awake and warm
                 else:
-                    await trio.lowlevel.wait_readable(self._sock)  # cancelling here loses nothing
+                    await trio.lowlevel.wait_readable(self._sock.fileno())  # cancelling here loses nothing
             header, buffer = sealed.take_frame()
             screened, self._screened = self._screened, False
             if not screened:
@@ -159,7 +161,10 @@ class DirectChannel(Channel):
                         self._sock.close()
 
         try:
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._limiter)
+            # libp2p's trio-typing 0.10 stubs (read before trio's own types) still call this `cancellable`
+            return await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                run, abandon_on_cancel=True, limiter=self._limiter
+            )
         except trio.Cancelled:
             self._break("a transfer was cancelled in the middle of a frame")
             raise
@@ -178,8 +183,9 @@ class DirectChannel(Channel):
             if self._close_requested:
                 return
             self._close_requested = True
-            if self._sock.fileno() >= 0:
-                trio.lowlevel.notify_closing(self._sock)  # tasks waiting on the fd wake with ClosedResourceError
+            fd = self._sock.fileno()
+            if fd >= 0:
+                trio.lowlevel.notify_closing(fd)  # tasks waiting on the fd wake with ClosedResourceError
             if self._threads == 0:
                 self._sock.close()
 

@@ -39,7 +39,8 @@ READ_PIECE = 1 << 20
 # and bounds what one channel can make its receiver buffer.
 DEFAULT_WINDOW = 16 << 20
 # (header, payload buffer, credit charged, whether the acceptor saw it) or the error
-_Item = tuple[FrameHeader, Any, int, bool] | BaseException
+_Received = tuple[FrameHeader, Any, int, bool]
+_Item = _Received | BaseException
 
 
 class StreamChannel(Channel):
@@ -69,7 +70,8 @@ class StreamChannel(Channel):
         self._screening = trio.Event()  # set once an acceptor is set or recv is called: see the module docstring
         self._counts = {"bytes_sent": 0, "bytes_received": 0, "frames_sent": 0, "frames_received": 0}
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    # trio 0.35 has TaskStatus; libp2p's trio-typing 0.10 stubs (which mypy reads first) predate it
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[name-defined]
         """The reader: run it in a nursery for the channel's lifetime (ChannelService does)."""
         try:
             await self._write(CREDIT + self._window.to_bytes(8, "big"))
@@ -99,7 +101,7 @@ class StreamChannel(Channel):
             raise WireError("peer granted more credit than its window")
         self._credit_changed.set()
 
-    async def _read_frame(self) -> tuple[FrameHeader, Any, int]:
+    async def _read_frame(self) -> _Received:
         header = decode_header(await read_exactly(self._stream, HEADER_SIZE), max_payload=self.max_payload)
         size = 1 + HEADER_SIZE + header.payload_len
         if size > self._granted_unused and self._granted_unused != self._window:
