@@ -48,6 +48,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
+from tensorlink.p2p._libp2p import get_from_peer, providers_from_peer, send_add_provider, store_at_peer
 from tensorlink.p2p.identity import peer_id_of
 from tensorlink.p2p.records import (
     NAMESPACES,
@@ -456,7 +457,7 @@ class Directory:
 
     async def _get_from(self, peer: ID, key: bytes) -> tuple[Record | None, list[ID]]:
         """One GET_VALUE request: the record the peer holds (unchecked) and the closer peers it names."""
-        result = await self._dht.value_store._get_from_peer(peer, key, return_record=True, return_closer_peers=True)
+        result = await get_from_peer(self._dht.value_store, peer, key)
         if not isinstance(result, tuple):
             return None, []
         record, closer = result
@@ -486,7 +487,7 @@ class Directory:
                 if attempt:
                     await trio.sleep(random.uniform(0.05, 0.3))
                 with trio.move_on_after(REQUEST_TIMEOUT_S):
-                    if await self._dht.value_store._store_at_peer(peer, key_bytes, data):
+                    if await store_at_peer(self._dht.value_store, peer, key_bytes, data):
                         stored[0] += 1
                         return
 
@@ -504,7 +505,7 @@ class Directory:
         store.add_provider(key, PeerInfo(self._host.get_id(), self._host.get_addrs()))
 
         async def ask(peer: ID) -> list[ID] | None:
-            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            providers, closer = await providers_from_peer(store, peer, key)
             return closer if providers or closer else None
 
         closest = (await self._walk(key, ask, lambda: False))[:K]
@@ -512,7 +513,7 @@ class Directory:
 
         async def announce_to(peer: ID) -> None:
             with trio.move_on_after(REQUEST_TIMEOUT_S):
-                if await store._send_add_provider(peer, key):
+                if await send_add_provider(store, peer, key):
                     taken[0] += 1
 
         async with trio.open_nursery() as nursery:
@@ -525,7 +526,7 @@ class Directory:
         found.update(info.peer_id.to_base58() for info in store.get_providers(key))
 
         async def ask(peer: ID) -> list[ID] | None:
-            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            providers, closer = await providers_from_peer(store, peer, key)
             found.update(info.peer_id.to_base58() for info in providers)
             return closer if providers or closer else None  # ([], []) is what a failed request returns
 

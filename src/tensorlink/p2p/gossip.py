@@ -33,10 +33,10 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from libp2p.tools.anyio_service import background_trio_service
 
+from tensorlink.p2p._libp2p import SizedRpcQueues, pubsub_forget_peer, pubsub_has_seen
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import Heartbeat, JobRecord, Message, decode_message, encode_message
 from tensorlink.wire.protocols import HEARTBEAT_TOPIC, JOBS_TOPIC
@@ -207,20 +207,6 @@ def _origin(msg: rpc_pb2.Message) -> str:
         return f"<invalid {msg.from_id[:16].hex()}>"
 
 
-class _QueueSizer(dict):  # type: ignore[type-arg]
-    """``Pubsub.peer_queues``: gives each new per-peer outbound queue our size before anything is queued.
-
-    py-libp2p builds each queue with ``RpcQueue()`` (32 entries, bound at definition time, no setting)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def __setitem__(self, key: Any, queue: RpcQueue) -> None:
-        queue._queue.max_size = self.size
-        super().__setitem__(key, queue)
-
-
 class _Pubsub(Pubsub):
     """py-libp2p 0.8.1's Pubsub with four overrides (re-check each on a libp2p upgrade): a signature check
     first that counts its drops and cannot raise, per-peer outbound queues of our size, a stream handler
@@ -229,14 +215,14 @@ class _Pubsub(Pubsub):
 
     def __init__(self, host: IHost, router: GossipSub, gossip: Gossip | None, **kwargs: Any) -> None:
         super().__init__(host, router, **kwargs)
-        self.peer_queues = _QueueSizer(OUTBOUND_QUEUE_SIZE)
+        self.peer_queues = SizedRpcQueues(OUTBOUND_QUEUE_SIZE)
         self._gossip = gossip
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         if self._gossip is None:  # a RawPublisher: no checks at all
             await super().push_msg(msg_forwarder, msg)
             return
-        if self._is_msg_seen(msg):
+        if pubsub_has_seen(self, msg):
             return  # a duplicate of a message already validated and delivered
         if msg_forwarder != self.my_id and (reason := signature_problem(msg)):
             self._gossip._record_drop(msg, msg_forwarder, reason, "")
@@ -260,7 +246,7 @@ class _Pubsub(Pubsub):
                 await stream.reset()
             except Exception:
                 pass
-            self._handle_dead_peer(peer_id)
+            pubsub_forget_peer(self, peer_id)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         if self._gossip is not None:

@@ -24,11 +24,10 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as Noise
-from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
+from tensorlink.p2p._libp2p import ReadLoopSafeYamux, install_yamux
 from tensorlink.p2p.streams import awaiting_first_record, error_record, write_record
 
 log = logging.getLogger(__name__)
@@ -46,37 +45,8 @@ CONNECTIONS = ConnectionConfig(
 )
 
 
-class _Yamux(Yamux):
-    """py-libp2p 0.8.1's Yamux with a read loop that never waits on the connection's writer.
-
-    The stock read loop answers pings (and stream SYNs) inline. While both directions carry bulk data the
-    writer can be stuck on a full TCP send buffer, because the peer's read loop is stuck in the same way:
-    neither side reads, and the connection deadlocks (seen with 16 busy data-plane fallback channels on
-    one connection, tests/transport/test_channel_concurrency.py). Here frames the read loop sends go out
-    from a task of their own."""
-
-    _read_loop: trio.lowlevel.Task | None = None
-
-    async def handle_incoming(self) -> None:
-        self._read_loop = trio.lowlevel.current_task()
-        await super().handle_incoming()
-
-    async def _write_frame(self, data: bytes) -> None:
-        if self._nursery is not None and trio.lowlevel.current_task() is self._read_loop:
-            self._nursery.start_soon(self._write_frame_quietly, data)
-            return
-        await super()._write_frame(data)
-
-    async def _write_frame_quietly(self, data: bytes) -> None:
-        try:
-            await super()._write_frame(data)
-        except Exception as exc:  # the connection closed meanwhile: the read loop will see it too
-            log.debug("yamux: a control frame was not sent: %s", exc)
-
-
-# py-libp2p 0.8.1 builds Yamux connections by this module-level name, whatever muxer_opt says; the pin in
-# pyproject.toml keeps this in step with the library.
-muxer_multistream.Yamux = _Yamux  # type: ignore[misc]
+# Before any host is built: py-libp2p must build our Yamux (see _libp2p.install_yamux).
+install_yamux()
 
 
 class AddressError(ValueError):
@@ -166,7 +136,7 @@ def make_host(
     return new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_ID): Noise(key_pair, noise_privkey=new_noise_key_pair().private_key)},
-        muxer_opt={TProtocol(YAMUX_ID): _Yamux},
+        muxer_opt={TProtocol(YAMUX_ID): ReadLoopSafeYamux},
         connection_config=CONNECTIONS,
         announce_addrs=announce_addrs or None,
         addrs_factory=None if announce_addrs else concrete_addrs,

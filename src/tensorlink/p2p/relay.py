@@ -35,12 +35,13 @@ from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+
+from tensorlink.p2p._libp2p import ReserveHookedHop, drop_reservation, hole_punch_state, reservation_holders
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RelayPolicy:
         )
 
 
-class _HopProtocol(CircuitV2Protocol):
+class _HopProtocol(ReserveHookedHop):
     """The stock protocol, with reservations pinned to the requesting connection's peer and a cap per IP.
 
     libp2p 0.8.1 takes the reserved peer id from the RESERVE message when present
@@ -93,16 +94,17 @@ class _HopProtocol(CircuitV2Protocol):
         self.policy = policy
         self._reservation_ips: dict[ID, str] = {}
 
-    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+    async def reserve(self, stream: INetStream, msg: HopMessage) -> None:
         msg.ClearField("peer")
         peer = stream.muxed_conn.peer_id
         remote = stream.get_remote_address()
         ip = remote[0] if remote else "?"
         manager = self.resource_manager
-        for holder in list(manager._reservations):
+        for holder in reservation_holders(manager):
             if holder != peer and manager.get_reservation(holder) is None:  # expired, or its peer left
-                del manager._reservations[holder]
-        self._reservation_ips = {p: i for p, i in self._reservation_ips.items() if p in manager._reservations}
+                drop_reservation(manager, holder)
+        holders = set(reservation_holders(manager))
+        self._reservation_ips = {p: i for p, i in self._reservation_ips.items() if p in holders}
         same_ip = sum(1 for p, i in self._reservation_ips.items() if i == ip and p != peer)
         if same_ip >= self.policy.reservations_per_ip:
             log.info("relay: refusing a reservation for %s: %d already from %s", peer, same_ip, ip)
@@ -114,7 +116,7 @@ class _HopProtocol(CircuitV2Protocol):
         # Recorded first: the stock handler answers, then sleeps 0.1 s before returning.
         self._reservation_ips[peer] = ip
         try:
-            await super()._handle_reserve(stream, msg)
+            await self.stock_reserve(stream, msg)
         finally:
             if self.resource_manager.get_reservation(peer) is None:
                 self._reservation_ips.pop(peer, None)
@@ -389,8 +391,7 @@ class NatTraversal:
         """(DCUtR attempts made towards ``peer``, whether one is running now); reads DCUtR's counters."""
         if self._dcutr is None:
             return 0, False
-        pid = _peer(peer)
-        return self._dcutr._hole_punch_attempts.get(pid, 0), pid in self._dcutr._in_progress
+        return hole_punch_state(self._dcutr, _peer(peer))
 
 
 def _split_p2p(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
