@@ -10,6 +10,8 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_account.types import TransactionDictType
+from eth_typing import HexStr
 from web3 import Web3
 from web3.types import TxReceipt
 
@@ -76,8 +78,8 @@ class Backend:
         if wei < 0:
             raise ValueError("wei must be non-negative")
         base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
-        tx = {
-            "to": to,
+        tx: TransactionDictType = {
+            "to": HexStr(to),
             "value": wei,
             "gas": 21_000,
             "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
@@ -127,12 +129,12 @@ class EmbeddedBackend(Backend):
     1 000 000 ETH each."""
 
     def __init__(self) -> None:
-        from web3 import EthereumTesterProvider  # eth-tester is imported only when used
+        from eth_tester import EthereumTester  # eth-tester is imported only when used
+        from web3 import EthereumTesterProvider
 
-        provider = EthereumTesterProvider()
-        self.tester = provider.ethereum_tester
+        self.tester = EthereumTester()  # what the provider makes by default, kept with its type
         keys = [i.to_bytes(32, "big") for i in range(1, 11)]
-        super().__init__(Web3(provider), [Account.from_key(k) for k in keys])
+        super().__init__(Web3(EthereumTesterProvider(self.tester)), [Account.from_key(k) for k in keys])
 
     def transact(self, account: LocalAccount, fn: Any, value: int = 0) -> TxReceipt:
         # py-evm's default estimator bisects from 21 000 gas to the block limit, executing the transaction

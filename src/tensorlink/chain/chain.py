@@ -8,11 +8,12 @@ the contract's named error from `tensorlink.chain.errors`. Amounts are integers 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils import is_checksum_address, keccak
 from hexbytes import HexBytes
 from web3.contract import Contract
@@ -105,10 +106,10 @@ def _amount(name: str, value: int) -> int:
     return value
 
 
-def _address(name: str, value: str) -> str:
+def _address(name: str, value: str) -> ChecksumAddress:
     if not isinstance(value, str) or not is_checksum_address(value):
         raise ValueError(f"{name} must be a checksummed address (Web3.to_checksum_address), got {value!r}")
-    return value
+    return cast(ChecksumAddress, value)  # is_checksum_address is a plain bool, not a TypeGuard
 
 
 def _account(value: LocalAccount) -> LocalAccount:
@@ -144,7 +145,7 @@ class Chain:
             raise ChainError("no contracts yet: call Chain.deploy(...) or Chain.attach(deployment)")
         return self._deployment
 
-    def _contract(self, name: str, address: str | None = None) -> Any:
+    def _contract(self, name: str, address: ChecksumAddress | None = None) -> Any:
         art = artifacts.load(name)
         if address is None:
             return self.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
@@ -208,13 +209,13 @@ class Chain:
         other (settlement's token and staking, staking's slasher, and unless told not to, the minter)."""
         if deployment.chain_id != self.backend.chain_id:
             raise ChainError(f"deployment is for chain {deployment.chain_id}, backend is {self.backend.chain_id}")
-        for name in ("token", "staking", "settlement"):
-            address = _address(name, getattr(deployment, name))
+        addresses = {name: _address(name, getattr(deployment, name)) for name in ("token", "staking", "settlement")}
+        for name, address in addresses.items():
             if not self.w3.eth.get_code(address):
                 raise ChainError(f"no contract code at the {name} address {address}")
-        token = self._contract("SNOToken", deployment.token)
-        staking = self._contract("Staking", deployment.staking)
-        settlement = self._contract("Settlement", deployment.settlement)
+        token = self._contract("SNOToken", addresses["token"])
+        staking = self._contract("Staking", addresses["staking"])
+        settlement = self._contract("Settlement", addresses["settlement"])
         links = [
             ("settlement.token", settlement.functions.token(), deployment.token),
             ("settlement.staking", settlement.functions.staking(), deployment.staking),
