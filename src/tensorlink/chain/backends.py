@@ -13,7 +13,7 @@ from eth_account.signers.local import LocalAccount
 from eth_account.types import TransactionDictType
 from eth_typing import HexStr
 from web3 import Web3
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from tensorlink.chain import errors
 
@@ -184,5 +184,5 @@ class RpcBackend(Backend):
     def advance_time(self, seconds: int) -> None:
         if seconds < 0:
             raise ValueError("time only moves forward")
-        self.w3.provider.make_request("evm_increaseTime", [int(seconds)])  # type: ignore[arg-type]
-        self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        self.w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [int(seconds)])
+        self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
