@@ -23,9 +23,11 @@ __all__ = ["LocalSwarm", "OffloadError", "OffloadedModel", "offload"]
 def __getattr__(name: str) -> object:
     """The public surface, imported on first use: a node process never pays for the pipeline's imports."""
     if name in ("offload", "OffloadedModel", "OffloadError"):
-        from tensorlink.pipeline import offload as module
-    elif name == "LocalSwarm":
-        from tensorlink import local as module  # type: ignore[no-redef]
-    else:
-        raise AttributeError(f"module 'tensorlink' has no attribute {name!r}")
-    return getattr(module, name)
+        from tensorlink.pipeline import offload
+
+        return getattr(offload, name)
+    if name == "LocalSwarm":
+        from tensorlink.local import LocalSwarm
+
+        return LocalSwarm
+    raise AttributeError(f"module 'tensorlink' has no attribute {name!r}")
