@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 import trio
-from test_hostile_worker import Pipeline, pipeline  # noqa: F401  (the fixture)
+from test_hostile_worker import Owner, pipeline  # noqa: F401  (the fixture)
 
 from tensorlink.pipeline import job as job_module
-from tensorlink.pipeline.driver import Driver
+from tensorlink.pipeline.driver import Pipeline
 from tensorlink.pipeline.job import PipelineError
 from tensorlink.stage.session import Session
 from tensorlink.wire.stage import Done, SendTensors, StageMessage
@@ -31,17 +31,17 @@ HONEST_HANDLE = Session.handle
 ADAM = {"lr": 1e-3}
 
 # Each command the owner sends outside a step, as the user's code makes it.
-COMMANDS: dict[str, Callable[[Driver], Awaitable[Any]]] = {
+COMMANDS: dict[str, Callable[[Pipeline], Awaitable[Any]]] = {
     "MakeOptimizer": lambda d: d.make_optimizer("AdamW", ADAM),
     "OptimizerStep": lambda d: d.optimizer_step(ADAM),
     "ZeroGrad": lambda d: d.zero_grad(),
     "GradSquares": lambda d: d.clip_grad_norm(1.0),
     "SendTensors": lambda d: d.state(),
-    "LoadProgram": lambda d: d.load("train", d.programs["train"]),
+    "LoadProgram": lambda d: d.load("train", d.programs["train"].program),
 }
 
 
-def train_once(pipeline: Pipeline) -> None:  # noqa: F811
+def train_once(pipeline: Owner) -> None:  # noqa: F811
     """A forward and backward, then every command once: each kind's duration is measured."""
     pipeline.step_and_backward(torch.randn(4, 8))
     for name in COMMANDS:
@@ -64,7 +64,7 @@ def deadline_in(message: str) -> float:
 
 
 @pytest.mark.parametrize("kind", sorted(COMMANDS))
-def test_a_worker_that_never_answers_a_command(pipeline: Pipeline, monkeypatch: Any, kind: str) -> None:  # noqa: F811
+def test_a_worker_that_never_answers_a_command(pipeline: Owner, monkeypatch: Any, kind: str) -> None:  # noqa: F811
     """After one honest round, a command the worker never answers fails within its deadline, which the
     message states: the measured round times the margin (floored, here at 1 s) or, for a load, LOAD_S."""
     train_once(pipeline)
@@ -81,7 +81,7 @@ def test_a_worker_that_never_answers_a_command(pipeline: Pipeline, monkeypatch: 
     assert 1.0 <= deadline < 10.0 and deadline - 0.5 < took < deadline + 5.0, (deadline, took)
 
 
-def test_a_first_command_never_measured_has_a_deadline(pipeline: Pipeline, monkeypatch: Any) -> None:  # noqa: F811
+def test_a_first_command_never_measured_has_a_deadline(pipeline: Owner, monkeypatch: Any) -> None:  # noqa: F811
     """Before any command of a kind was measured, FIRST_COMMAND_S bounds it (60 s in real use)."""
     monkeypatch.setattr(job_module, "FIRST_COMMAND_S", 1.5)
     stall_on(monkeypatch, "MakeOptimizer")
@@ -91,7 +91,7 @@ def test_a_first_command_never_measured_has_a_deadline(pipeline: Pipeline, monke
     assert time.monotonic() - started < 6.0
 
 
-def test_a_worker_that_announces_tensors_but_sends_none(pipeline: Pipeline, monkeypatch: Any) -> None:  # noqa: F811
+def test_a_worker_that_announces_tensors_but_sends_none(pipeline: Owner, monkeypatch: Any) -> None:  # noqa: F811
     """A state fetch answered with names but no tensors: bounded by the bytes the stage could send."""
     train_once(pipeline)
     monkeypatch.setattr(job_module, "STEP_FLOOR_S", 1.0)

@@ -3,7 +3,7 @@ PipelineError naming the stage, the worker and what happened, in bounded time an
 
 The worker is real in every part but its behaviour: a StageHost on its own libp2p host and data plane in
 this process, serving the stage protocol with real wire messages and loading the real stage program, whose
-StageRuntime is patched here to misbehave. The owner is a real Client and Driver, as offload() builds them;
+StageRuntime is patched here to misbehave. The owner is a real Client and Pipeline, as offload() builds them;
 the validator's part (assigning the stage) is the one line of bookkeeping the fake Assignments does.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import resource
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import torch
 import trio
 from torch import nn
 
-from tensorlink.ir.split import split
 from tensorlink.pipeline import job as job_module
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.driver import Driver
+from tensorlink.pipeline.driver import Backward, Pipeline, Settings, StepSpec
 from tensorlink.pipeline.job import Job, PipelineError
+from tensorlink.pipeline.programs import capture_program
 from tensorlink.stage.links import Lane, LinkClosed
 from tensorlink.stage.runtime import StageRuntime
 from tensorlink.wire.messages import StageAssign
@@ -62,17 +63,15 @@ class OneAssignment:
 
 
 @dataclass
-class Pipeline:
+class Owner:
     owner: Client
     worker: Client
-    driver: Driver
+    driver: Pipeline
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         async def run() -> torch.Tensor:
-            result = await self.driver.run(
-                "train", [x], mode="none", training=False, loss_output=0, to_user=[0], grad_to_user=[],
-                micro_batches=MICRO_BATCHES,
-            )  # fmt: skip
+            spec = StepSpec(key="train", loss_output=0, micro_batches=MICRO_BATCHES)
+            result = await self.driver.run(spec, [x])
             return result.outputs[0]
 
         return self.owner.call(run)
@@ -82,12 +81,13 @@ class Pipeline:
         name = self.driver.programs["train"].split.user_inputs[0]
 
         async def run() -> torch.Tensor:
-            result = await self.driver.run(
-                "train", [x], mode="later", training=True, loss_output=0, to_user=[0], grad_to_user=[name],
+            spec = StepSpec(
+                key="train", backward=Backward.LATER, training=True, loss_output=0, grad_to_user=(name,),
                 micro_batches=MICRO_BATCHES,
             )  # fmt: skip
-            out_grad = {0: torch.ones_like(result.outputs[0])}
-            grads = await self.driver.backward("train", result, out_grad, [name], [x], MICRO_BATCHES)
+            result = await self.driver.run(spec, [x])
+            out_grad: dict[int, torch.Tensor | None] = {0: torch.ones_like(result.outputs[0])}
+            grads = await self.driver.backward(result, out_grad, [x])
             return grads[name]
 
         return self.owner.call(run)
@@ -99,16 +99,13 @@ def model() -> nn.Module:
 
 
 @pytest.fixture
-def pipeline() -> Iterator[Pipeline]:
+def pipeline() -> Iterator[Owner]:
     """An owner driving one stage on the in-process worker; the program is loaded, no step run yet."""
     owner, worker = Client().start(), Client().start()
     try:
-        driver = Driver(
-            owner, worker.peer_id, workers=1, micro_batches=MICRO_BATCHES, schedule="1f1b", private=False,
-            max_seq_len=None,
-        )  # fmt: skip
+        job_id = secrets.token_bytes(16)
         assign = StageAssign(
-            job=driver.job_id, owner=owner.peer_id, validator=worker.peer_id, stage=0, n_stages=1, memory_bytes=1 << 30
+            job=job_id, owner=owner.peer_id, validator=worker.peer_id, stage=0, n_stages=1, memory_bytes=1 << 30
         )
         stage_host = StageHost(worker.host, worker.channels, OneAssignment(assign), max_memory_bytes=1 << 30)
 
@@ -117,19 +114,19 @@ def pipeline() -> Iterator[Pipeline]:
             await worker.nursery.start(stage_host.serve)
 
         worker.call(serve)
-        addrs = [f"{a}/p2p/{worker.peer_id}" for a in worker.host.get_addrs()]
+        addrs = [f"{a}/p2p/{worker.peer_id}" for a in worker.host.addrs()]
         assert owner.call(owner.connect, addrs)
-        program = driver.capture(model(), (torch.randn(4, 8),), {}, train=True)
+        program = capture_program(model(), (torch.randn(4, 8),), {}, train=True, max_seq_len=None)
 
-        async def open_job() -> None:
-            driver.owner = {name: 0 for name in program.whole.program.parameters}
-            program.split = split(program.whole, driver.owner, 1)
-            driver.job = Job(owner, driver.job_id, 1, {0: worker.peer_id}, worker.peer_id)
-            await driver.job.open()
+        async def open_job() -> Pipeline:
+            job = Job(owner, job_id, 1, {0: worker.peer_id}, worker.peer_id)
+            await job.open()
+            settings = Settings(workers=1, micro_batches=MICRO_BATCHES)
+            driver = Pipeline(owner, settings, job, {name: 0 for name in program.whole.program.parameters})
             await driver.load("train", program)
+            return driver
 
-        owner.call(open_job)
-        yield Pipeline(owner, worker, driver)
+        yield Owner(owner, worker, owner.call(open_job))
     finally:
         owner.close()
         worker.close()
@@ -143,7 +140,7 @@ HONEST_RUN_STEP = StageRuntime.run_step
 HONEST_SEND = StageRuntime._send
 
 
-def test_a_worker_that_acknowledges_a_step_but_sends_no_output(pipeline: Pipeline, monkeypatch: Any) -> None:
+def test_a_worker_that_acknowledges_a_step_but_sends_no_output(pipeline: Owner, monkeypatch: Any) -> None:
     """The step's deadline comes from the measured honest step; missing it names stage, worker and step."""
     x = torch.randn(4, 8)
     assert torch.allclose(pipeline.step(x), model()(x), atol=1e-6)
@@ -163,7 +160,7 @@ def test_a_worker_that_acknowledges_a_step_but_sends_no_output(pipeline: Pipelin
     assert deadline >= 1.0 and deadline - 0.5 < took < deadline + 5.0, (deadline, took)
 
 
-def test_a_worker_that_never_finishes_a_step(pipeline: Pipeline, monkeypatch: Any) -> None:
+def test_a_worker_that_never_finishes_a_step(pipeline: Owner, monkeypatch: Any) -> None:
     x = torch.randn(4, 8)
     pipeline.step(x)
     monkeypatch.setattr(job_module, "STEP_FLOOR_S", 1.0)
@@ -180,7 +177,7 @@ FLOOD_FRAMES, FLOOD_MIB = 48, 4
 
 
 @pytest.mark.parametrize("unsolicited", ["later_steps", "duplicates", "other_lanes"])
-def test_a_worker_that_floods_its_owner(pipeline: Pipeline, monkeypatch: Any, unsolicited: str) -> None:
+def test_a_worker_that_floods_its_owner(pipeline: Owner, monkeypatch: Any, unsolicited: str) -> None:
     """Frames the owner did not ask for close the link at the first one, naming the worker; the owner
     keeps none of them (without the check it kept all, FLOOD_FRAMES x FLOOD_MIB MiB)."""
     x = torch.randn(4, 8)
@@ -233,7 +230,7 @@ HUGE = {"2GiB": 2 << 30, "768MiB": 768 << 20}
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux's /proc")
 @pytest.mark.parametrize("announced", sorted(HUGE))
-def test_a_worker_that_announces_a_huge_output(pipeline: Pipeline, monkeypatch: Any, announced: str) -> None:
+def test_a_worker_that_announces_a_huge_output(pipeline: Owner, monkeypatch: Any, announced: str) -> None:
     """An output frame announcing gigabytes (a real tensor's shape, never filled) is refused by its header:
     the owner names the frame, what it announced and what it expected, and allocates nothing for it."""
     nbytes = HUGE[announced]
@@ -276,7 +273,7 @@ WRONG = {
 
 
 @pytest.mark.parametrize("wrong", sorted(WRONG))
-def test_a_worker_that_sends_wrong_outputs(pipeline: Pipeline, monkeypatch: Any, wrong: str) -> None:
+def test_a_worker_that_sends_wrong_outputs(pipeline: Owner, monkeypatch: Any, wrong: str) -> None:
     """Each output is checked against the capture's signature (dtype exact, every dim against the
     input it depends on) before use: a named error, never a silent reshape or a crash."""
     mutate, expected = WRONG[wrong]
@@ -290,7 +287,7 @@ def test_a_worker_that_sends_wrong_outputs(pipeline: Pipeline, monkeypatch: Any,
     assert re.search(expected, str(info.value)), str(info.value)
 
 
-def test_a_worker_that_sends_a_wrong_input_gradient(pipeline: Pipeline, monkeypatch: Any) -> None:
+def test_a_worker_that_sends_a_wrong_input_gradient(pipeline: Owner, monkeypatch: Any) -> None:
     """Gradients sent back to the owner are checked too: the shape of the input they belong to."""
     x = torch.randn(4, 8)
     reference = x.clone().requires_grad_(True)

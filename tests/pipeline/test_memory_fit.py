@@ -18,8 +18,9 @@ import torch
 
 import tensorlink
 from tensorlink.ir.split import profile
-from tensorlink.pipeline.driver import Driver
+from tensorlink.pipeline.driver import Settings
 from tensorlink.pipeline.offload import _example
+from tensorlink.pipeline.programs import capture_program
 from tensorlink.stage.runtime import OPTIMIZER_SLOTS
 from tensorlink.validator.partition import declare, unit_memory
 from tensorlink.worker.assignments import MIN_STAGE_BYTES
@@ -37,15 +38,12 @@ def batch(step: int) -> dict[str, torch.Tensor]:
 def estimate(module: torch.nn.Module) -> int:
     """The bytes a validator reserves for the model as one stage, from the request the owner will make."""
     first = {k: torch.tensor_split(v, C.MICRO_BATCHES)[0] for k, v in batch(0).items()}
-    driver = Driver(
-        None, "", workers=1, micro_batches=C.MICRO_BATCHES, schedule="1f1b", private=False,  # type: ignore[arg-type]
-        max_seq_len=module.config.n_positions,
-    )  # fmt: skip
-    program = driver.capture(module, *_example([], first), train=True)
+    settings = Settings(workers=1, micro_batches=C.MICRO_BATCHES, max_seq_len=module.config.n_positions)
+    program = capture_program(module, *_example([], first), train=True, max_seq_len=settings.max_seq_len)
     symbols = program.whole.program.signature.symbols
     units = profile(program.whole, {name: high for name, (_, high) in symbols.items()})
     slots = OPTIMIZER_SLOTS["AdamW"]
-    kept = driver.kept(fused=True)  # outputs="loss": 1F1B with the backward fused, 1 stage: one micro-batch kept
+    kept = settings.kept(fused=True)  # outputs="loss": 1F1B with the backward fused, 1 stage: one micro-batch kept
     return sum(unit_memory(declare(u, optimizer_slots=slots, kept=kept), slots) for u in units)
 
 
@@ -70,8 +68,8 @@ def test_a_stage_that_exactly_fits_its_worker_is_placed_and_trains() -> None:
             assert all(math.isfinite(x) for x in losses)
             (stage,) = worker.status()["stages"]
             (running,) = worker.status()["running"]
-            assert model.driver.plan is not None
-            assert stage["memory_bytes"] == model.driver.plan.placements[0].memory_bytes == needed  # never grown
+            assert model.pipeline.plan is not None
+            assert stage["memory_bytes"] == model.pipeline.plan.placements[0].memory_bytes == needed  # never grown
             charged = running["peak_charged_bytes"]  # below the estimate by the frames each unit declares (~18 %)
             print(f"reserved {needed} bytes, charged at most {charged} ({charged / needed:.0%})")
             assert running["steps"] >= STEPS and 0.75 * needed < charged <= needed, (charged, needed)

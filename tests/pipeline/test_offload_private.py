@@ -80,7 +80,7 @@ def test_private_keeps_token_ids_and_labels_on_this_machine(swarm: tensorlink.Lo
         sequences = [generated[:, :n] for n in range(prompt.shape[1], generated.shape[1] + 1)]
 
         secrets = secret_digests([GPT2.batch(s) for s in range(steps)], sequences)
-        seen = audits(swarm, model.driver.job_id.hex())
+        seen = audits(swarm, model.pipeline.job_id.hex())
         assert set(seen) == {w.peer_id for w in swarm.workers}
         for peer, audit in seen.items():
             assert audit["frames"] > 0 and audit["digests"], f"worker {peer}: the audit recorded nothing"
@@ -101,7 +101,7 @@ def test_control_without_private_the_audit_finds_the_ids(swarm: tensorlink.Local
     run = C.train_side_by_side(swarm, GPT2, workers=2, steps=1, private=False)
     try:
         stages = run.model.stages()
-        seen = audits(swarm, run.model.driver.job_id.hex())
+        seen = audits(swarm, run.model.pipeline.job_id.hex())
         batch = GPT2.batch(0)
         first, last = seen[stages[0]["where"]], seen[stages[-1]["where"]]
         ids = [tensor_digest(p) for p in torch.tensor_split(batch["input_ids"], C.MICRO_BATCHES)]

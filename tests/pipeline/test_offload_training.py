@@ -140,7 +140,7 @@ def test_stages_and_worker_status_show_the_job(swarm: tensorlink.LocalSwarm) -> 
         assert all("transformer.wte.weight" in h for h in held)
         assert all(s["parameters"] > 0 for s in stages)
 
-        job = model.driver.job_id.hex()
+        job = model.pipeline.job_id.hex()
         owner = model.client.peer_id
         for stage in stages:
             worker = workers[stage["where"]]

@@ -8,6 +8,7 @@ owner is a real Client and Driver, as offload() builds them.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from tensorlink.ir.split import split
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.driver import Driver
+from tensorlink.pipeline.driver import Pipeline, Settings
 from tensorlink.pipeline.job import Job, PipelineError
+from tensorlink.pipeline.programs import capture_program
 from tensorlink.wire.messages import StageAssign
 from tensorlink.worker.assignments import Assignments
 from tensorlink.worker.stage_host import StageHost
@@ -32,7 +33,7 @@ MIB = 1 << 20
 class Worker:
     owner: Client
     worker: Client
-    driver: Driver
+    driver: Pipeline
     registry: Assignments
 
 
@@ -45,12 +46,10 @@ def make() -> Iterator:
     def build(capacity: int, declared: int) -> Worker:
         owner, worker = Client().start(), Client().start()
         clients.extend([owner, worker])
-        driver = Driver(
-            owner, worker.peer_id, workers=1, micro_batches=1, schedule="1f1b", private=False, max_seq_len=None
-        )
+        job_id = secrets.token_bytes(16)
         registry = Assignments(capacity, trust_any_validator=True, min_stage_bytes=1)
         assign = StageAssign(
-            job=driver.job_id, owner=owner.peer_id, validator="v", stage=0, n_stages=1, memory_bytes=declared
+            job=job_id, owner=owner.peer_id, validator="v", stage=0, n_stages=1, memory_bytes=declared
         )
         registry.accept(assign, "v")
         host = StageHost(worker.host, worker.channels, registry, max_memory_bytes=capacity)
@@ -60,14 +59,14 @@ def make() -> Iterator:
             await worker.nursery.start(host.serve)
 
         worker.call(serve)
-        assert owner.call(owner.connect, [f"{a}/p2p/{worker.peer_id}" for a in worker.host.get_addrs()])
+        assert owner.call(owner.connect, [f"{a}/p2p/{worker.peer_id}" for a in worker.host.addrs()])
 
-        async def open_job() -> None:
-            driver.job = Job(owner, driver.job_id, 1, {0: worker.peer_id}, worker.peer_id)
-            await driver.job.open()
+        async def open_job() -> Pipeline:
+            job = Job(owner, job_id, 1, {0: worker.peer_id}, worker.peer_id)
+            await job.open()
+            return Pipeline(owner, Settings(workers=1), job, {"weight": 0, "bias": 0})
 
-        owner.call(open_job)
-        return Worker(owner, worker, driver, registry)
+        return Worker(owner, worker, owner.call(open_job), registry)
 
     yield build
     for client in clients:
@@ -76,14 +75,8 @@ def make() -> Iterator:
 
 def load(w: Worker, width: int) -> None:
     torch.manual_seed(0)
-    program = w.driver.capture(nn.Linear(width, width), (torch.randn(2, width),), {}, train=True)
-
-    async def run() -> None:
-        w.driver.owner = {name: 0 for name in program.whole.program.parameters}
-        program.split = split(program.whole, w.driver.owner, 1)
-        await w.driver.load("train", program)
-
-    w.owner.call(run)
+    program = capture_program(nn.Linear(width, width), (torch.randn(2, width),), {}, train=True, max_seq_len=None)
+    w.owner.call(w.driver.load, "train", program)
 
 
 def test_a_program_over_what_the_worker_can_reserve_is_refused(make) -> None:

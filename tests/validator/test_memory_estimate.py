@@ -17,8 +17,8 @@ import torch
 
 from tensorlink.ir import StageProgram
 from tensorlink.ir.split import profile, split
-from tensorlink.pipeline.driver import Driver
 from tensorlink.pipeline.offload import _example
+from tensorlink.pipeline.programs import capture_program
 from tensorlink.stage.runtime import FixedReservation, StageRuntime, optimizer_copies
 from tensorlink.validator.partition import WorkerSpec, declare, partition, stage_totals
 
@@ -35,11 +35,7 @@ def test_the_estimate_covers_the_charge_of_every_stage(batch: int, seq: int) -> 
     model = M.gpt2(n_layer=2)
     ids = torch.randint(0, M.VOCAB, (batch, seq))
     first = {k: torch.tensor_split(ids, MICRO_BATCHES)[0] for k in ("input_ids", "labels")}
-    driver = Driver(
-        None, "", workers=2, micro_batches=MICRO_BATCHES, schedule="1f1b", private=False,  # type: ignore[arg-type]
-        max_seq_len=model.config.n_positions,
-    )  # fmt: skip
-    program = driver.capture(model, *_example([], first), train=True)
+    program = capture_program(model, *_example([], first), train=True, max_seq_len=model.config.n_positions)
     symbols = program.whole.program.signature.symbols
     assert max(high for name, (_, high) in symbols.items()) == model.config.n_positions  # the captured range
     assert sorted(high for _, high in symbols.values())[0] == batch // MICRO_BATCHES  # the real micro-batch, not 64

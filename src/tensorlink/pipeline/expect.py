@@ -79,16 +79,14 @@ def _show(dtype: torch.dtype, shape: tuple[int | str, ...]) -> str:
 def _dim_error(
     size: int, dim: int | str, sizes: dict[str, int], ranges: Mapping[str, list[int]], tail: int
 ) -> str | None:
-    if isinstance(dim, int):
-        full: int | None = dim
-    else:
-        full = sizes.get(dim)
-        if full is None:
-            low, high = ranges.get(dim, (0, 0))
-            if not (low <= size <= high or (tail and size <= tail)):
-                return f"{size} is outside {dim}'s range [{low}, {high}]"
-            if not tail:
-                sizes[dim] = size  # later tensors of this micro-batch must agree
-            return None
+    bound = dim if isinstance(dim, int) else sizes.get(dim)
+    if bound is None:
+        low, high = ranges.get(str(dim), (0, 0))
+        if not (low <= size <= high or (tail and size <= tail)):
+            return f"{size} is outside {dim}'s range [{low}, {high}]"
+        if not tail:
+            sizes[str(dim)] = size  # later tensors of this micro-batch must agree
+        return None
+    full = bound
     expected = min(tail, full) if tail else full
     return None if size == expected else f"is {size}, expected {expected} ({dim})"

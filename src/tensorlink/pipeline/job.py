@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import trio
 
-from tensorlink.p2p.streams import StreamError, close_stream, open_stream
+from tensorlink.p2p.streams import StreamError, close_stream
 from tensorlink.pipeline.client import Client
 from tensorlink.stage.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
 from tensorlink.stage.runtime import FixedReservation
@@ -71,6 +71,20 @@ def _pipeline_error(exc: BaseException) -> PipelineError | None:
         if found is not None:
             return found
     return None
+
+
+def one_error(exc: BaseException) -> BaseException:
+    """A failure on the loop as the one exception the user sees, never a group: the first PipelineError inside
+    a group (it names the stage and the worker), else the group's first error as a PipelineError with its type;
+    an exception that is not a group is itself (e.g. the validator's JobRefused)."""
+    if not getattr(exc, "exceptions", None):
+        return exc
+    found = _pipeline_error(exc)
+    if found is not None:
+        return found
+    while getattr(exc, "exceptions", None):
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    return PipelineError(f"{type(exc).__name__}: {exc}")
 
 
 def first_step_deadline_s(flops: float) -> float:
@@ -140,12 +154,12 @@ class Job:
         nursery = self.client.nursery
         assert nursery is not None
         by_peer: dict[str, ChannelLink] = {}
-        for peer in dict.fromkeys(self.workers.values()):
+        for worker in dict.fromkeys(self.workers.values()):
             try:
-                channel = await self.client.channels.open(peer, self.job)
+                channel = await self.client.channels.open(worker, self.job)
             except ChannelError as exc:
-                raise PipelineError(f"no data-plane channel to worker {peer}: {exc}") from None
-            by_peer[peer] = link = ChannelLink(channel, self.job, strict=True)
+                raise PipelineError(f"no data-plane channel to worker {worker}: {exc}") from None
+            by_peer[worker] = link = ChannelLink(channel, self.job, strict=True)
             nursery.start_soon(link.run)
         for index in range(self.n_stages):
             peer = self.workers.get(index)
@@ -182,7 +196,7 @@ class Job:
         assert ref.peer is not None
         try:
             with self.bounded(ref, "StageOpen", 0):
-                ref.stream = await open_stream(self.client.host, ref.peer, STAGE_PROTOCOL)
+                ref.stream = await self.client.host.open(ref.peer, STAGE_PROTOCOL)
                 await send_stage(ref.stream, StageOpen(job=self.job, stage=ref.index))
                 reply = await recv_stage(ref.stream)
         except PipelineError:

@@ -12,7 +12,6 @@ holds no weights of its own: ``state_dict()`` fetches them from the workers into
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,18 +19,17 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 
-from tensorlink.ir import CaptureError
+from tensorlink.ir import CaptureError, StageProgram
 from tensorlink.pipeline.client import Client
-from tensorlink.pipeline.driver import Driver, StepResult
+from tensorlink.pipeline.driver import Backward, Pipeline, Settings, StepResult, StepSpec
 from tensorlink.pipeline.job import PipelineError
 from tensorlink.pipeline.optimizer import RemoteOptimizer
+from tensorlink.pipeline.programs import Loaded, Program, capture_generation, capture_program
+from tensorlink.pipeline.remote import OffloadError, Remote
 from tensorlink.stage.schedule import SCHEDULES
+from tensorlink.wire.stage import ProgramKey
 
 log = logging.getLogger(__name__)
-
-
-class OffloadError(ValueError):
-    """The model or the arguments cannot be offloaded as given; the message says how to fix it."""
 
 
 def offload(
@@ -72,16 +70,10 @@ def offload(
     if validator is None:
         client.close()
         raise OffloadError(f"no validator reachable at {', '.join(addrs) or '(no address given)'}")
-    driver = Driver(
-        client,
-        validator,
-        workers=n_workers,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        private=private,
-        max_seq_len=max_seq_len,
+    settings = Settings(
+        workers=n_workers, micro_batches=micro_batches, schedule=schedule, private=private, max_seq_len=max_seq_len
     )
-    return OffloadedModel(model, client, driver, outputs=outputs)
+    return OffloadedModel(model, Remote(client, validator, settings, fused=outputs == "loss"), outputs=outputs)
 
 
 def _network(network: Any) -> tuple[list[str], list[str], int | None]:
@@ -109,11 +101,11 @@ class _Pipeline(torch.autograd.Function):
         ctx: Any,
         model: OffloadedModel,
         result: StepResult,
-        names: list[str],
+        inputs: list[torch.Tensor],
         anchor: torch.Tensor,
         *grad_inputs: torch.Tensor,
-    ) -> Any:  # type: ignore[override]
-        ctx.model, ctx.result, ctx.names = model, result, names
+    ) -> Any:
+        ctx.model, ctx.result, ctx.inputs = model, result, inputs
         outs = tuple(result.outputs[i] for i in sorted(result.outputs))
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         return outs
@@ -122,141 +114,166 @@ class _Pipeline(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         model: OffloadedModel = ctx.model
         result: StepResult = ctx.result
-        order = sorted(result.outputs)
-        by_output = dict(zip(order, grads, strict=True))
-        input_grads = model._backward(result, by_output, ctx.names)
-        return (None, None, None, None, *[input_grads.get(n) for n in ctx.names])
+        by_output = dict(zip(sorted(result.outputs), grads, strict=True))
+        input_grads = model._backward(result, by_output, ctx.inputs)
+        return (None, None, None, None, *[input_grads.get(n) for n in result.spec.grad_to_user])
+
+
+Signature = tuple[int, tuple[str, ...], tuple[tuple[torch.dtype, int], ...]]
 
 
 class OffloadedModel(torch.nn.Module):
-    """The offloaded model. Call it like the original; see ``offload``."""
+    local: torch.nn.Module
+    """The offloaded model. Call it like the original; see ``offload``.
 
-    def __init__(self, module: torch.nn.Module, client: Client, driver: Driver, *, outputs: str) -> None:
+    Like a local module, ``train()``/``eval()`` and ``torch.no_grad()`` decide what a call runs: a training
+    forward the ``train`` program; an evaluation forward without gradients the ``eval`` program (captured on
+    first use; with gradients in a training job, the train program in eval mode, so they flow as locally);
+    ``generate()`` the ``generate`` program. The pipeline opens on the first call, for what it needs: a job
+    that only evaluates or generates reserves no gradient or optimizer memory, and is opened again with
+    it on the first training forward (its weights are still the model's own)."""
+
+    def __init__(self, module: torch.nn.Module, remote: Remote, *, outputs: str) -> None:
         super().__init__()
         object.__setattr__(self, "local", module)  # not a submodule: its weights live on the workers
-        self.client = client
-        self.driver = driver
+        self.remote = remote
+        self.client = remote.client
         self.outputs = outputs
         self.train(module.training)
-        self._signature: tuple[Any, ...] | None = None
-        self._optimizer: tuple[str, dict[str, Any]] | None = None
-        self._inputs: list[torch.Tensor] = []
+        self._signatures: dict[str, Signature] = {}  # per program: the inputs it was captured for
         self._anchor = torch.zeros((), requires_grad=True)
         self._generation_batch: int | None = None  # the batch the workers' KV caches are sized for
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The open pipeline (tensorlink.pipeline.driver.Pipeline); an error if none is."""
+        return self.remote.require()
 
     # -- the model's call -----------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        for key, value in [*enumerate(args), *kwargs.items()]:
+        for name, value in [*enumerate(args), *kwargs.items()]:
             if not isinstance(value, torch.Tensor):
                 raise OffloadError(
-                    f"input {key!r} is a {type(value).__name__}; an offloaded model takes tensors only "
+                    f"input {name!r} is a {type(value).__name__}; an offloaded model takes tensors only "
                     "(settings such as use_cache belong in the model's config)"
                 )
-        signature = (len(args), tuple(kwargs), tuple((t.dtype, t.dim()) for t in [*args, *kwargs.values()]))
         inputs = [*args, *kwargs.values()]
-        if self._signature is None:
-            self._start(args, kwargs)
-            self._signature = signature
-        elif signature != self._signature:
-            raise OffloadError(
-                "this offloaded model was set up for other inputs (names, dtypes or ranks); call it the "
-                "same way every time, or offload a second copy for the other use"
-            )
-        program = self.driver.programs["train"]
-        n_micro = min(self.driver.micro_batches, *(t.shape[0] for t in inputs if t.dim() > 0))
-        _check_shapes(program.whole, program.split.user_inputs, inputs, n_micro)
         wants_grad = torch.is_grad_enabled()
-        loss_index = _loss_output(program)
+        key: ProgramKey = "train" if self.training or (wants_grad and self.remote.trains) else "eval"
+        loaded = self._program(key, args, kwargs)
+        n_micro = min(self.remote.settings.micro_batches, *(t.shape[0] for t in inputs if t.dim() > 0))
+        _check_shapes(loaded.whole, loaded.split.user_inputs, inputs, n_micro)
+        spec = self._spec(key, loaded, inputs, n_micro, wants_grad)
+        result = self.remote.call(lambda p: p.run(spec, inputs))
+        if spec.backward is not Backward.NONE:
+            grad_inputs = [t for t in inputs if t.requires_grad]
+            values = _Pipeline.apply(self, result, inputs, self._anchor, *grad_inputs)
+            result.outputs = dict(zip(sorted(result.outputs), values, strict=True))
+        return _structure(loaded, result.outputs)
+
+    def _spec(
+        self, key: ProgramKey, loaded: Loaded, inputs: list[torch.Tensor], n_micro: int, wants_grad: bool
+    ) -> StepSpec:
+        """What one forward of program ``key`` runs: its outputs, and its backward (with gradients wanted, of a
+        training program: fused into the step for outputs="loss", else later from the outputs' gradients)."""
+        loss_index = _loss_output(loaded)
         if self.outputs == "loss":
             if loss_index is None:
                 raise OffloadError('outputs="loss" needs a model that returns a scalar loss (give it labels)')
-            to_user = [loss_index]
+            to_user: tuple[int, ...] = (loss_index,)
         else:
-            to_user = list(range(len(program.split.model_outputs)))
-        grad_names = [
-            name for name, t in zip(program.split.user_inputs, inputs, strict=True) if t.requires_grad and wants_grad
-        ]
-        mode = "none"
-        if wants_grad:
-            mode = "fused" if self.outputs == "loss" else "later"
-        result = self.client.call(
-            lambda: self.driver.run(
-                "train",
-                inputs,
-                mode=mode,
-                training=self.training,
-                loss_output=loss_index if loss_index is not None else -1,
-                to_user=to_user,
-                grad_to_user=grad_names,
-                micro_batches=n_micro,
-            )
-        )
-        self._inputs = inputs
-        self._n_micro = n_micro
-        if mode != "none":
-            grad_inputs = [t for t in inputs if t.requires_grad and wants_grad]
-            values = _Pipeline.apply(self, result, grad_names, self._anchor, *grad_inputs)
-            result.outputs = dict(zip(sorted(result.outputs), values, strict=True))
-        return _structure(program, result.outputs)
-
-    def _backward(
-        self, result: StepResult, grads: dict[int, torch.Tensor | None], names: list[str]
-    ) -> dict[str, torch.Tensor]:
-        if result.mode == "fused":
-            (loss_index,) = result.outputs
-            grad = grads[loss_index]
-            scale = float(grad) if grad is not None else 0.0
-            self.client.call(self.driver.commit, result.step, scale)
-            return {n: g * scale for n, g in result.input_grads.items()}
-        return self.client.call(
-            lambda: self.driver.backward("train", result, grads, names, self._inputs, self._n_micro)
+            to_user = tuple(range(len(loaded.split.model_outputs)))
+        backward = Backward.NONE
+        if wants_grad and key == "train":
+            backward = Backward.FUSED if self.outputs == "loss" else Backward.LATER
+        grad_names = () if backward is Backward.NONE else tuple(
+            name for name, t in zip(loaded.split.user_inputs, inputs, strict=True) if t.requires_grad
+        )  # fmt: skip
+        return StepSpec(
+            key=key,
+            backward=backward,
+            training=self.training,
+            loss_output=loss_index,
+            to_user=to_user,
+            grad_to_user=grad_names,
+            micro_batches=n_micro,
         )
 
-    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Capture, plan and open the pipeline on the first call's shapes; errors before any work."""
-        n = min(self.driver.micro_batches, *(t.shape[0] for t in [*args, *kwargs.values()] if t.dim() > 0))
+    def _program(self, key: ProgramKey, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loaded:
+        """Program ``key`` loaded on the stages for inputs like these: captured from this call and loaded (the
+        pipeline opened for it) on first use; a job that never trained opened again for a training one."""
+        signature = (len(args), tuple(kwargs), tuple((t.dtype, t.dim()) for t in [*args, *kwargs.values()]))
+        if self.remote.failed is not None:
+            self.remote.require()
+        pipeline = self.remote.pipeline
+        if pipeline is not None and key in pipeline.programs:
+            if signature != self._signatures[key]:
+                raise OffloadError(
+                    f"this offloaded model's {key} program was set up for other inputs (names, dtypes or ranks); "
+                    "call it the same way every time, or offload a second copy for the other use"
+                )
+            return pipeline.programs[key]
+        program = self._capture(key, args, kwargs)
+        if pipeline is None or (key == "train" and not pipeline.trains):
+            pipeline = self.remote.open(program, key)
+            self._signatures.clear()
+            self._generation_batch = None
+        else:
+            self.remote.load(key, program)
+        self._signatures[key] = signature
+        return pipeline.programs[key]
+
+    def _capture(self, key: ProgramKey, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Program:
+        """Capture program ``key`` on this call's first micro-batch; errors before any work."""
+        n = min(self.remote.settings.micro_batches, *(t.shape[0] for t in [*args, *kwargs.values()] if t.dim() > 0))
         first = [torch.tensor_split(t, n)[0] if t.dim() > 0 else t for t in args]
         first_kw = {k: torch.tensor_split(t, n)[0] if t.dim() > 0 else t for k, t in kwargs.items()}
         example = _example(first, first_kw)
         try:
-            program = self.driver.capture(self.local, *example, train=self.training)
+            return capture_program(
+                self.local, *example, train=key == "train", max_seq_len=self.remote.settings.max_seq_len
+            )
         except CaptureError as exc:
             raise OffloadError(f"the model cannot be captured for the workers: {exc}") from None
-        self.client.call(lambda: self.driver.open(program, fused=self.outputs == "loss"))
-        if self._optimizer is not None:
-            self.client.call(self.driver.make_optimizer, *self._optimizer)
+
+    def _backward(
+        self, result: StepResult, grads: dict[int, torch.Tensor | None], inputs: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if result.spec.backward is Backward.FUSED:
+            (loss_index,) = result.outputs
+            grad = grads[loss_index]
+            scale = float(grad) if grad is not None else 0.0
+            self.remote.call(lambda p: p.commit(result.step, scale))
+            return {n: g * scale for n, g in result.input_grads.items()}
+        return self.remote.call(lambda p: p.backward(result, grads, inputs))
 
     # -- training helpers --------------------------------------------------------------------------------
 
     def optimizer(self, cls: type[torch.optim.Optimizer] | str, **hyper: Any) -> RemoteOptimizer:
         """An optimizer that runs on every worker for that worker's parameters (``cls`` must be one of
         torch's optimizers; see tensorlink.stage.runtime.OPTIMIZERS)."""
-        opt = RemoteOptimizer(self, cls, **hyper)
-        self._optimizer = (opt.name, opt.hyper())
-        if self._signature is not None:
-            self.client.call(self.driver.make_optimizer, *self._optimizer)
-        return opt
+        return RemoteOptimizer(self.remote, cls, **hyper)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ across every stage; returns the total norm before clipping."""
-        self._require_started()
-        return torch.tensor(self.client.call(self.driver.clip_grad_norm, float(max_norm)))
-
-    def _require_started(self) -> None:
-        if self._signature is None:
-            raise OffloadError("the pipeline starts on the first forward call; run one first")
+        if not self.remote.trains:
+            self.remote.require()
+            raise OffloadError("no training forward has run yet: there are no gradients to clip")
+        return torch.tensor(self.remote.call(lambda p: p.clip_grad_norm(float(max_norm))))
 
     # -- weights --------------------------------------------------------------------------------------------
 
     def fetch(self) -> torch.nn.Module:
-        """Copy the workers' current weights into the original module and return it."""
-        if self._signature is None:
+        """Copy the workers' current weights into the original module and return it (only training changes
+        them: before any, the module's own are current)."""
+        if not self.remote.trains:
             return self.local
-        state = self.client.call(self.driver.state)
+        state = self.remote.call(lambda p: p.state())
         own = dict(self.local.named_parameters(remove_duplicate=False)) | dict(self.local.named_buffers())
-        ties = {alias: group[0] for group in self.driver.programs["train"].whole.tie_groups for alias in group}
+        groups = self.pipeline.programs["train"].whole.tie_groups
+        ties: dict[str, str] = {alias: group[0] for group in groups for alias in group}
         with torch.no_grad():
             for name, target in own.items():
                 source = state.get(name, state.get(ties.get(name, name)))
@@ -283,11 +300,11 @@ class OffloadedModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **unsupported: Any) -> torch.Tensor:
         """Greedy decoding for HF causal LMs, on the workers with the trained weights. Each stage keeps
-        the KV cache of its own layers: the prompt is sent once, then one token per step."""
+        the KV cache of its own layers: the prompt is sent once, then one token per step. Before any forward
+        call the pipeline opens for generation alone."""
         if unsupported:
             raise OffloadError(f"generate() supports greedy decoding only; not: {', '.join(sorted(unsupported))}")
-        self._require_started()
-        limit = self.driver.max_seq_len
+        limit = self.remote.settings.max_seq_len
         if limit is None:
             raise OffloadError("generate() needs max_seq_len (offload(..., max_seq_len=N)) to size the KV cache")
         if input_ids.shape[1] + max_new_tokens > limit:
@@ -296,27 +313,20 @@ class OffloadedModel(torch.nn.Module):
                 f"{limit} positions the model was captured for; shorten the prompt or ask for fewer tokens"
             )
         batch = input_ids.shape[0]
-        if self._generation_batch != batch:  # the cache is sized for one batch: capture again for another
-            program = self.driver.capture_cached(self.local, batch, input_ids)
-            self.client.call(self.driver.load, "eval", program)
-            self._generation_batch = batch
+        self._load_generation(batch, input_ids, limit)
         config = getattr(self.local, "config", None)
         eos = getattr(config, "eos_token_id", None)
         pad = getattr(config, "pad_token_id", None)
-        pad = eos if pad is None else pad
         ids, step_ids = input_ids, input_ids
         done = torch.zeros(batch, dtype=torch.bool)
+        spec = StepSpec(key="generate", tail=1)
         for _ in range(max_new_tokens):
             start = ids.shape[1] - step_ids.shape[1]
-            positions = torch.arange(start, ids.shape[1])
-            run = functools.partial(
-                self.driver.run, "eval", [step_ids, positions], mode="none", training=False, loss_output=-1,
-                to_user=[0], grad_to_user=[], micro_batches=1, tail=1,
-            )  # fmt: skip
-            result = self.client.call(run)
+            step = [step_ids, torch.arange(start, ids.shape[1])]
+            result = self.remote.call(Pipeline.run, spec, step)
             token = result.outputs[0][:, -1, :].argmax(-1)
             if eos is not None:
-                token = torch.where(done, torch.full_like(token, pad), token)
+                token = torch.where(done, torch.full_like(token, eos if pad is None else pad), token)
                 done |= token == eos
             ids = torch.cat([ids, token[:, None]], dim=1)
             step_ids = token[:, None]
@@ -324,29 +334,46 @@ class OffloadedModel(torch.nn.Module):
                 break
         return ids
 
+    def _load_generation(self, batch: int, example_ids: torch.Tensor, limit: int) -> None:
+        """The generation program for this batch on the stages (the KV cache is sized for one batch: captured
+        again for another); the pipeline opened for it if none is."""
+        if self.remote.failed is not None:
+            self.remote.require()
+        if self._generation_batch == batch and self.remote.pipeline is not None:
+            return
+        try:
+            program = capture_generation(self.local, batch, example_ids, limit)
+        except (CaptureError, ValueError) as exc:
+            raise OffloadError(f"generate() cannot capture this model for the workers: {exc}") from None
+        if self.remote.pipeline is None:
+            self.remote.open(program, "generate")
+            self._signatures.clear()
+        else:
+            self.remote.load("generate", program)
+        self._generation_batch = batch
+
     def close(self) -> None:
-        """Release the workers and stop the client (also at interpreter exit)."""
-        if self.client is not None:
-            try:
-                self.client.call(self.driver.close)
-            except Exception as exc:  # the network may be gone already
-                log.info("closing the pipeline: %s", exc)
-            self.client.close()
+        """Release the workers and stop the client."""
+        self.remote.close()
+        self.client.close()
 
     def stages(self) -> list[dict[str, Any]]:
-        """Where each stage runs and what it holds (for logs and the demo)."""
-        job, program = self.driver.job, self.driver.programs.get("train")
-        if job is None or program is None:
+        """Where each stage runs and what it holds (for logs and the demo); empty before the pipeline opens."""
+        pipeline = self.remote.pipeline
+        if pipeline is None:
             return []
         sizes = {name: p.numel() for name, p in self.local.named_parameters(remove_duplicate=False)}
+        held: dict[int, list[str]] = {}
+        for name, stage in pipeline.owner.items():
+            held.setdefault(stage, []).append(name)
         return [
             {
                 "stage": ref.index,
                 "where": ref.peer or "this machine",
-                "parameters": sum(sizes.get(p, 0) for p in program.split.parts[ref.index].params),
-                "params": list(program.split.parts[ref.index].params),
+                "parameters": sum(sizes.get(p, 0) for p in held.get(ref.index, [])),
+                "params": held.get(ref.index, []),
             }
-            for ref in job.stages
+            for ref in pipeline.job.stages
         ]
 
 
@@ -368,7 +395,7 @@ WIDER_BATCH = (
 )
 
 
-def _check_shapes(program: Any, names: Sequence[str], inputs: Sequence[torch.Tensor], n_micro: int) -> None:
+def _check_shapes(program: StageProgram, names: Sequence[str], inputs: Sequence[torch.Tensor], n_micro: int) -> None:
     """Refuse, before anything is sent, inputs the stages would refuse mid-step (the capture fixed each
     dim or its range: e.g. the sequence length up to max_seq_len)."""
     sig = program.program.signature
@@ -388,7 +415,7 @@ def _check_shapes(program: Any, names: Sequence[str], inputs: Sequence[torch.Ten
                 )
 
 
-def _loss_output(program: Any) -> int | None:
+def _loss_output(program: Loaded) -> int | None:
     sig = program.whole.program.signature
     if sig.output == "dict" and "loss" in sig.output_keys:
         return sig.output_keys.index("loss")
@@ -397,7 +424,7 @@ def _loss_output(program: Any) -> int | None:
     return None
 
 
-def _structure(program: Any, outputs: dict[int, torch.Tensor]) -> Any:
+def _structure(program: Loaded, outputs: dict[int, torch.Tensor]) -> Any:
     """The model's own output structure (e.g. an HF ModelOutput); outputs not fetched are None."""
     sig = program.whole.program.signature
     n = len(program.split.model_outputs)

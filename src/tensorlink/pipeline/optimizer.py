@@ -3,23 +3,22 @@
 It is a real ``torch.optim.Optimizer`` (LR schedulers accept nothing else) with one parameter group
 holding the hyper-parameters; its only parameter is a placeholder, since the weights live on the
 workers. Each ``step()`` sends the group's current values, so a scheduler's changes take effect.
-Only torch's own optimizers may be named (no user code reaches a worker).
+Only torch's own optimizers may be named (no user code reaches a worker). It works on the model's
+pipeline (``Remote``): made on the workers when a training job opens, or at once if one is open.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from tensorlink.pipeline.remote import OffloadError, Remote
 from tensorlink.stage.runtime import HYPER_KEYS, OPTIMIZERS, StageError, check_hyper
-
-if TYPE_CHECKING:
-    from tensorlink.pipeline.offload import OffloadedModel
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
-    def __init__(self, model: OffloadedModel, cls: type[torch.optim.Optimizer] | str, **hyper: Any) -> None:
+    def __init__(self, remote: Remote, cls: type[torch.optim.Optimizer] | str, **hyper: Any) -> None:
         name = cls if isinstance(cls, str) else getattr(cls, "__name__", repr(cls))
         if not isinstance(cls, str) and OPTIMIZERS.get(name) is not cls:
             raise TypeError(
@@ -33,8 +32,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if not _plain(value):
                 raise TypeError(f"hyper-parameter {key}={value!r}: numbers, booleans or tuples of numbers only")
         self.name = name
-        self.model = model
+        self.remote = remote
         super().__init__([torch.zeros(0, requires_grad=True)], dict(hyper))
+        remote.optimizer = (name, self.hyper())
+        if remote.trains:
+            current = self.hyper()
+            remote.call(lambda p: p.make_optimizer(name, current))
 
     def hyper(self) -> dict[str, Any]:
         """The group's current hyper-parameters, as the workers take them."""
@@ -42,20 +45,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k in HYPER_KEYS and _plain(v)}
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         if closure is not None:
             raise TypeError("closures are not supported: the loss is computed on the workers")
-        self.model._require_started()
-        self.model.client.call(self.model.driver.optimizer_step, self.hyper())
+        if not self.remote.trains:
+            self.remote.require()  # a failed pipeline says so
+            raise OffloadError("no training forward has run yet: there are no gradients to step with")
+        hyper = self.hyper()
+        self.remote.call(lambda p: p.optimizer_step(hyper))
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self.model._signature is not None:
-            self.model.client.call(self.model.driver.zero_grad)
+        if self.remote.trains:
+            self.remote.call(lambda p: p.zero_grad())
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The hyper-parameters here and every worker's optimizer state, by parameter name."""
-        state = self.model.client.call(self.model.driver.optimizer_state) if self.model._signature else {}
+        state = self.remote.call(lambda p: p.optimizer_state()) if self.remote.trains else {}
         return {"name": self.name, "param_groups": [self.hyper()], "state": state}
 
 

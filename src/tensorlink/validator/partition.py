@@ -59,13 +59,17 @@ def unit_memory(unit: UnitCost, optimizer_slots: int) -> int:
     return training_bytes(unit.param_bytes, 0, optimizer_slots) + unit.activation_bytes
 
 
-def declare(unit: Unit, *, optimizer_slots: int, kept: int) -> UnitCost:
+def declare(unit: Unit, *, optimizer_slots: int, kept: int, train: bool = True) -> UnitCost:
     """A unit as its owner declares it to a validator. ``unit`` was profiled at the program's declared maximum
     input shapes, where the worker counts a forward; its ``activation_bytes`` on the wire are ``kept`` training
     forwards of it (the micro-batches a stage may hold for backward) and ``kept`` micro-batches of the frames a
     stage starting or ending at it buffers, the buffers, the optimizer's step counters and the training copies
     of an earlier unit's parameters it uses (held again where it is another stage): with unit_memory, all that
-    the worker charges."""
+    the worker charges. A job that never trains (``train=False``) holds its parameters without gradients and
+    runs one forward at a time: it declares them as held bytes (``param_bytes`` 0, which unit_memory doubles)."""
+    if not train:
+        held = forward_bytes(unit.activation_bytes, train=False) + unit.boundary_bytes + unit.buffer_bytes
+        return UnitCost(unit.flops, 0, unit.param_bytes + unit.tied_bytes + held)
     held = forward_bytes(unit.activation_bytes, train=True, kept=kept) + kept * unit.boundary_bytes
     held += unit.buffer_bytes + optimizer_bytes(0, len(unit.params), optimizer_slots)
     held += training_bytes(unit.tied_bytes, len(unit.tied), optimizer_slots)

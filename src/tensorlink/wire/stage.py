@@ -22,10 +22,13 @@ Step = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Scalar = Union[bool, int, float]
 HyperValue = Union[Scalar, Annotated[list[float], msgspec.Meta(max_length=8)]]
 Hyper = dict[Annotated[str, msgspec.Meta(max_length=64)], HyperValue]
-ProgramKey = Literal["train", "eval"]
+ProgramKey = Literal["train", "eval", "generate"]
+CacheRow = Annotated[int, msgspec.Meta(ge=0, le=4095)]  # a row of a KV cache (batch up to 4096)
 
 
 class StageMessage(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Subclasses repeat ``frozen=True``: msgspec inherits it, but type checkers (PEP 681) do not."""
+
     v: Annotated[int, msgspec.Meta(ge=0, le=65535)] = PROTOCOL_VERSION
     max_bytes: ClassVar[int] = 4096
 
@@ -45,14 +48,14 @@ class OutputSlot(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     idx: Index
 
 
-class StageOpen(StageMessage, tag="stage_open"):
+class StageOpen(StageMessage, tag="stage_open", frozen=True):
     """First message: which assigned stage this stream drives."""
 
     job: JobId
     stage: Annotated[int, msgspec.Meta(ge=0, le=4095)]
 
 
-class LoadProgram(StageMessage, tag="load_program"):
+class LoadProgram(StageMessage, tag="load_program", frozen=True):
     """The program's bytes follow on the owner's channel (a uint8 tensor of ``size`` bytes). A second
     program (``eval``) shares the parameters of the first by name: the worker keeps one set of weights."""
 
@@ -64,7 +67,7 @@ class LoadProgram(StageMessage, tag="load_program"):
     max_bytes: ClassVar[int] = 1 << 20
 
 
-class RunStep(StageMessage, tag="run_step"):
+class RunStep(StageMessage, tag="run_step", frozen=True):
     """Run the forward of ``micro_batches`` micro-batches (and, with ``backward="fused"``, their backward
     as the schedule orders them, seeding the loss output ``loss_output`` with ``loss_scale``).
     ``backward="later"`` keeps the activations for a RunBackward; ``"none"`` keeps nothing."""
@@ -82,7 +85,7 @@ class RunStep(StageMessage, tag="run_step"):
     grad_to_user: Annotated[list[Name], msgspec.Meta(max_length=4096)] = []  # owner inputs it wants grads of
 
 
-class RunBackward(StageMessage, tag="run_backward"):
+class RunBackward(StageMessage, tag="run_backward", frozen=True):
     """Back-propagate a ``backward="later"`` step: the last stage reads the output gradients the owner
     sent, the others those of the next stage."""
 
@@ -92,7 +95,16 @@ class RunBackward(StageMessage, tag="run_backward"):
     grad_to_user: Annotated[list[Name], msgspec.Meta(max_length=4096)] = []
 
 
-class CommitGrads(StageMessage, tag="commit_grads"):
+class ReorderCache(StageMessage, tag="reorder_cache", frozen=True):
+    """Beam search: the KV cache rows of program ``key`` become its rows ``index``, in place. The stage checks
+    the index against its cache (as long as the cache's batch, each entry below it) before touching anything."""
+
+    key: ProgramKey
+    index: Annotated[list[CacheRow], msgspec.Meta(min_length=1, max_length=4096)]
+    max_bytes: ClassVar[int] = 16 << 10  # 4096 entries of up to 3 msgpack bytes each
+
+
+class CommitGrads(StageMessage, tag="commit_grads", frozen=True):
     """The owner's backward reached this step's fused gradients: add ``scale`` × them to the parameters'
     gradients (1.0 when the loss was back-propagated as returned)."""
 
@@ -100,31 +112,31 @@ class CommitGrads(StageMessage, tag="commit_grads"):
     scale: float
 
 
-class MakeOptimizer(StageMessage, tag="make_optimizer"):
+class MakeOptimizer(StageMessage, tag="make_optimizer", frozen=True):
     name: Annotated[str, msgspec.Meta(max_length=32)]
     hyper: Hyper
 
 
-class OptimizerStep(StageMessage, tag="optimizer_step"):
+class OptimizerStep(StageMessage, tag="optimizer_step", frozen=True):
     hyper: Hyper  # the current values of the hyper-parameters (an LR scheduler may have changed them)
 
 
-class ZeroGrad(StageMessage, tag="zero_grad"):
+class ZeroGrad(StageMessage, tag="zero_grad", frozen=True):
     pass
 
 
-class GradSquares(StageMessage, tag="grad_squares"):
+class GradSquares(StageMessage, tag="grad_squares", frozen=True):
     """Ask for the sum of squared gradients of the stage's parameters, leaving out ``exclude`` (tied
     parameters counted by another stage)."""
 
     exclude: Annotated[list[Name], msgspec.Meta(max_length=4096)] = []
 
 
-class ScaleGrads(StageMessage, tag="scale_grads"):
+class ScaleGrads(StageMessage, tag="scale_grads", frozen=True):
     factor: float
 
 
-class SendTensors(StageMessage, tag="send_tensors"):
+class SendTensors(StageMessage, tag="send_tensors", frozen=True):
     """Send the named tensors to the owner on the channel, in order: ``what`` is the gradients, the
     current values (parameters and buffers; empty names: all of them) or the optimizer's state."""
 
@@ -133,7 +145,7 @@ class SendTensors(StageMessage, tag="send_tensors"):
     max_bytes: ClassVar[int] = 4 << 20
 
 
-class SetGrads(StageMessage, tag="set_grads"):
+class SetGrads(StageMessage, tag="set_grads", frozen=True):
     """Replace the named parameters' gradients by tensors that follow on the channel (tied weights:
     the owner sends the sum over the stages that hold them)."""
 
@@ -141,11 +153,11 @@ class SetGrads(StageMessage, tag="set_grads"):
     max_bytes: ClassVar[int] = 1 << 20
 
 
-class Close(StageMessage, tag="close"):
+class Close(StageMessage, tag="close", frozen=True):
     pass
 
 
-class Done(StageMessage, tag="done"):
+class Done(StageMessage, tag="done", frozen=True):
     """Success. ``value``: a number some commands return (GradSquares); ``names``/``shapes``: what
     SendTensors sends, in order."""
 
@@ -154,7 +166,7 @@ class Done(StageMessage, tag="done"):
     max_bytes: ClassVar[int] = 4 << 20
 
 
-class Failed(StageMessage, tag="failed"):
+class Failed(StageMessage, tag="failed", frozen=True):
     code: Annotated[str, msgspec.Meta(max_length=64)]
     message: Annotated[str, msgspec.Meta(max_length=4096)]
     max_bytes: ClassVar[int] = 8192
@@ -165,6 +177,7 @@ STAGE_MESSAGES: tuple[type[StageMessage], ...] = (
     LoadProgram,
     RunStep,
     RunBackward,
+    ReorderCache,
     CommitGrads,
     MakeOptimizer,
     OptimizerStep,
@@ -179,7 +192,7 @@ STAGE_MESSAGES: tuple[type[StageMessage], ...] = (
 )
 MAX_STAGE_MESSAGE = max(t.max_bytes for t in STAGE_MESSAGES)
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Union[STAGE_MESSAGES])  # type: ignore[valid-type]
+_decoder = msgspec.msgpack.Decoder(Union[STAGE_MESSAGES])
 
 
 def encode_stage(msg: StageMessage) -> bytes:
