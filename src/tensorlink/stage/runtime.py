@@ -13,6 +13,7 @@ learning) or handing the stage to another worker (fault tolerance) gives the sam
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +26,10 @@ from tensorlink.ir.memory import OverBound
 from tensorlink.stage.links import NONE_MARKER, Lane, Link, from_marker
 from tensorlink.stage.schedule import actions
 from tensorlink.wire.stage import InputSlot, OutputSlot, RunBackward, RunStep
+
+# The KV cache of a generation program: transformers' static-cache export wrapper names its buffers so (one key and
+# one value tensor per layer, batch first); a beam search reorders their rows.
+KV_CACHE = re.compile(r"(?:^|\.)(?:key|value)_cache_\d+$")
 
 # Optimizers a job may name, each with the parameter-sized state tensors ("slots") the owner declares for it, and
 # the hyper-parameters each may set: no user code reaches a worker.
@@ -342,6 +347,30 @@ class StageRuntime:
             p.grad = self.fused.before.get(name)
         self.fused = None
 
+    # -- generation ------------------------------------------------------------------------------------
+
+    def reorder_cache(self, key: str, index: list[int]) -> None:
+        """Beam search: rows ``index`` of every KV-cache buffer of program ``key`` become its rows, in place. The
+        index is checked against the cache first (as long as its batch, each entry below it): a wrong one is
+        refused with nothing changed. One buffer's copy at a time is the only memory it takes."""
+        caches = [b for name, b in self._program(key).module.named_buffers() if KV_CACHE.search(name)]
+        if not caches:
+            return  # a stage with no attention layer holds no cache
+        batch = caches[0].shape[0] if caches[0].dim() else 0
+        if any(b.dim() == 0 or b.shape[0] != batch for b in caches):
+            raise StageError("bad_cache", f"the {key} program's KV-cache buffers do not share one batch dimension")
+        outside = [i for i in index if not 0 <= i < batch]
+        if len(index) != batch or outside:
+            raise StageError(
+                "bad_index",
+                f"a cache reorder needs {batch} row indices, each in 0..{batch - 1}; got {len(index)}"
+                + (f", {outside[0]} among them" if outside else ""),
+            )
+        rows = torch.tensor(index, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            for buffer in caches:
+                buffer.copy_(buffer.index_select(0, rows))
+
     # -- running micro-batches -------------------------------------------------------------------------
 
     async def run_step(self, cmd: RunStep) -> None:
@@ -416,13 +445,13 @@ class StageRuntime:
         if keep:
             self.stash[(cmd.step, mb)] = (values, outputs)
         wanted = set(cmd.to_user)
-        for slot, out in zip(program.outputs, outputs, strict=True):
-            if slot.dest == "user" and slot.idx not in wanted:
+        for dest, out in zip(program.outputs, outputs, strict=True):
+            if dest.dest == "user" and dest.idx not in wanted:
                 continue
-            if slot.dest == "user" and cmd.tail and isinstance(out, torch.Tensor) and out.dim() >= 2:
+            if dest.dest == "user" and cmd.tail and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 out = out[:, -cmd.tail :]  # generation reads the last position's logits only
-            lane = Lane.FWD if slot.dest == "next" else Lane.USER_OUT
-            self._send(slot.dest, lane, cmd.step, mb, slot.idx, out)
+            lane = Lane.FWD if dest.dest == "next" else Lane.USER_OUT
+            self._send(dest.dest, lane, cmd.step, mb, dest.idx, out)
 
     async def _backward(
         self, program: LoadedProgram, step: int, mb: int, fused: RunStep | None, grad_to_user: list[str] | None = None
@@ -432,15 +461,15 @@ class StageRuntime:
         values, outputs = self.stash.pop((step, mb))
         self.stash_bytes.pop((step, mb), None)
         roots, grads = [], []
-        for slot, out in zip(program.outputs, outputs, strict=True):
+        for dest, out in zip(program.outputs, outputs, strict=True):
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 continue
-            if slot.dest == "next":
-                grad = from_marker(await self._link("next").recv(Lane.BWD, step, mb, slot.idx), out)
+            if dest.dest == "next":
+                grad = from_marker(await self._link("next").recv(Lane.BWD, step, mb, dest.idx), out)
             elif fused is not None:
-                grad = torch.full_like(out, fused.loss_scale) if slot.idx == fused.loss_output else None
+                grad = torch.full_like(out, fused.loss_scale) if dest.idx == fused.loss_output else None
             else:
-                grad = from_marker(await self._link("user").recv(Lane.OUT_GRAD, step, mb, slot.idx), out)
+                grad = from_marker(await self._link("user").recv(Lane.OUT_GRAD, step, mb, dest.idx), out)
             if grad is not None:
                 roots.append(out)
                 grads.append(grad.to(out.device))

@@ -23,6 +23,7 @@ from tensorlink.wire.stage import (
     LoadProgram,
     MakeOptimizer,
     OptimizerStep,
+    ReorderCache,
     RunBackward,
     RunStep,
     ScaleGrads,
@@ -100,6 +101,8 @@ class Session:
             await rt.run_step(msg)
         elif isinstance(msg, RunBackward):
             await rt.run_backward(msg)
+        elif isinstance(msg, ReorderCache):
+            rt.reorder_cache(msg.key, msg.index)
         elif isinstance(msg, CommitGrads):
             rt.commit(msg.step, msg.scale)
         elif isinstance(msg, MakeOptimizer):
