@@ -37,7 +37,7 @@ def test_two_workers_start_join_and_stop(tmp_path: Path) -> None:
 
 
 def test_a_node_that_fails_to_start_is_reported_with_its_log() -> None:
-    with pytest.raises(SwarmError, match=r"(?s)worker0 \(worker\) exited with code 2 .*max_memory_gb") as info:
+    with pytest.raises(SwarmError, match=r"(?s)worker0 \(worker\) exited with code 2 .*--max-memory") as info:
         with LocalSwarm(workers=1, worker_memory_gb=-1.0):
             pass
     assert "last lines of" in str(info.value)

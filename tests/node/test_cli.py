@@ -9,8 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from nodes import NodeProcess
+
+from tensorlink.node.cli import NOT_SETTINGS, build_parser
+from tensorlink.node.config import ConfigError, NodeConfig, load_config
 
 pytestmark = pytest.mark.swarm
 
@@ -38,7 +42,7 @@ def test_help_explains_every_flag() -> None:
         (["--bootstrap", "/ip4/127.0.0.1/tcp/4001"], "has no /p2p/<peer id>"),
         (["--network-key", "abc"], "network_key"),
         (["--announce", "/ip4/0.0.0.0/tcp/4001"], "is a wildcard"),
-        (["--max-memory", "-1"], "max_memory_gb"),
+        (["--max-memory", "-1"], "invalid setting (--max-memory): Expected `float` > 0.0 - at `$.max_memory`"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
@@ -58,6 +62,39 @@ def test_config_file_is_read_and_validated(tmp_path: Path, start_node: Callable[
     (tmp_path / "bad" / "config.toml").write_text('rol = "validator"\n')
     result = run_cli("--data-dir", str(tmp_path / "bad"))
     assert result.returncode == 2 and "Object contains unknown field `rol`" in result.stderr
+
+
+def test_every_flag_is_a_config_key_of_the_same_name() -> None:
+    """As --help promises: a flag's key is its name with dashes as underscores (a --no-X flag sets X)."""
+    keys = {field.encode_name for field in msgspec.structs.fields(NodeConfig)}
+    for action in build_parser()._actions:
+        if action.dest in (*NOT_SETTINGS, "help"):
+            continue
+        name = action.option_strings[-1].removeprefix("--").removeprefix("no-").replace("-", "_")
+        assert action.dest == name and name in keys, action.option_strings
+
+
+def test_config_keys_are_the_flag_names(tmp_path: Path) -> None:
+    peer = "12D3KooWEP39od6Ssozzw6unpqe8feYY1cr5aJhXCiLQpeUpmaWH"
+    (tmp_path / "config.toml").write_text(
+        f'max_memory = 1.5\nthreads = 2\nvalidator = ["{peer}"]\nclaim_timeout = 5\ndirect_channels = false\n'
+    )
+    config = load_config(tmp_path, {"threads": 3})  # the command line wins
+    assert (config.max_memory_gb, config.torch_threads, config.validators) == (1.5, 3, [peer])
+    assert (config.claim_timeout_s, config.direct_channels) == (5.0, False)
+
+
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("max_memory_gb = 1.5\n")
+    with pytest.raises(ConfigError, match="key 'max_memory_gb' is now 'max_memory', the name of its flag --max-memory"):
+        load_config(tmp_path, {})
+    (tmp_path / "config.toml").write_text("torch_threads = 2\n")
+    result = run_cli("--data-dir", str(tmp_path), "--status-port", "0")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"tensorlink.node: error: {tmp_path / 'config.toml'}: the key 'torch_threads' is now 'threads', the name of "
+        "its flag --threads; rename it"
+    ]
 
 
 def test_banner_status_and_metrics(start_node: Callable[..., NodeProcess]) -> None:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
-from tensorlink.node.config import CONFIG_FILE, DEFAULT_PORT, DEFAULT_STATUS_PORT, ConfigError, default_data_dir
+from tensorlink.node.config import (
+    CONFIG_FILE,
+    DEFAULT_PORT,
+    DEFAULT_STATUS_PORT,
+    ConfigError,
+    NodeConfig,
+    default_data_dir,
+)
 
 DESCRIPTION = """\
 Run a TensorLink peer: a worker lends this machine's CPU or GPU to the network, a validator matches
@@ -18,11 +28,12 @@ address others can join it by.
 
 EPILOG = f"""\
 config file: every flag has a key of the same name in <data-dir>/{CONFIG_FILE} (dashes become
-underscores; repeatable flags are lists), e.g.
+underscores, repeatable flags are lists, --no-direct-channels is direct_channels = false), e.g.
     role = "validator"
-    validators = ["12D3KooW..."]
+    validator = ["12D3KooW..."]
     listen = ["/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
     bootstrap = ["/ip4/203.0.113.7/tcp/{DEFAULT_PORT}/p2p/12D3KooW..."]
+    max_memory = 8
 
 examples:
     python -m tensorlink.node --validator 12D3KooW...           # a worker on port {DEFAULT_PORT}
@@ -89,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-memory",
         type=float,
         metavar="GB",
-        dest="max_memory_gb",
         help="most memory this node offers to jobs, in GB (default: what is free at start)",
     )
     p.add_argument(
@@ -121,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        dest="torch_threads",
         help="CPU threads torch may use for stages (default: torch's default, one per core); lower it when "
         "several nodes share a machine",
     )
@@ -136,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--validator",
         action="append",
         metavar="PEER_ID",
-        dest="validators",
         help="a trusted validator of this network, repeatable: workers take stages only from these, and "
         "only their records count (default: none; a worker then refuses every assignment)",
     )
@@ -144,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--claim-timeout",
         type=float,
         metavar="SECONDS",
-        dest="claim_timeout_s",
         help="how long a worker holds a stage whose owner has not started it (default: 30)",
     )
     p.add_argument(
@@ -167,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags that set something else than a config key.
+NOT_SETTINGS = ("data_dir", "verbose")
+# Which flag moves each port a node binds, for the one line that says a port is taken.
+PORT_FLAGS = {"p2p": "--listen", "status": "--status-port", "data plane": "--data-port"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help is instant; before logging is set up because importing
@@ -176,34 +189,69 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.verbose)
     data_dir: Path = args.data_dir or default_data_dir()
-    overrides = {
-        "role": args.role,
-        "listen": args.listen,
-        "announce": args.announce,
-        "bootstrap": args.bootstrap,
-        "network_key": args.network_key,
-        "relay": args.relay,
-        "status_port": args.status_port,
-        "max_memory_gb": args.max_memory_gb,
-        "device": args.device,
-        "data_port": args.data_port,
-        "direct_channels": args.direct_channels,
-        "channel_cipher": args.channel_cipher,
-        "torch_threads": args.torch_threads,
-        "audit_inputs": args.audit_inputs,
-        "validators": args.validators,
-        "claim_timeout_s": args.claim_timeout_s,
-        "chain_rpc": args.chain_rpc,
-        "chain_deployment": args.chain_deployment,
-        "chain_key_file": args.chain_key_file,
-    }
+    overrides = {key: value for key, value in vars(args).items() if key not in NOT_SETTINGS}
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         from tensorlink.node.config import load_config
 
         config = load_config(data_dir, overrides)
+        _require_chain_extra(config)
+        _check_ports_free(config)
         return run_node(config, data_dir)
     except (ConfigError, ValueError, OSError) as exc:
         logging.getLogger("tensorlink.node").debug("start failed", exc_info=True)
         print(f"tensorlink.node: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _require_chain_extra(config: NodeConfig) -> None:
+    """A chain setting needs the chain extra; say how to install it before anything starts."""
+    if config.chain_rpc is None:
+        return
+    try:
+        import tensorlink.chain  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"chain_rpc is set, but {exc}") from None
+
+
+def _check_ports_free(config: NodeConfig) -> None:
+    """Refuse a port another process listens on, naming it and the flag that moves it. libp2p binds its
+    TCP listeners with SO_REUSEPORT (for hole punching), so without this a second node on the same port
+    starts silently and the kernel splits the first node's incoming connections between the two."""
+    for what, host, port in _bound_ports(config):
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do: TIME_WAIT is fine
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise ConfigError(
+                    f"{what} port {port} on {host}: {reason} (is another node running?); "
+                    f"choose another with {PORT_FLAGS[what]}"
+                ) from None
+
+
+def _bound_ports(config: NodeConfig) -> list[tuple[str, str, int]]:
+    """(what, host, port) of each TCP port the node will bind: its libp2p listen addresses, the status
+    endpoint, and the direct data plane on the first listen address's IP. Addresses that are not /ip4|ip6/../tcp/..
+    are left to libp2p, which names the bad ones."""
+    ports = [("status", "127.0.0.1", config.status_port)]
+    listen = [_tcp_endpoint(addr) for addr in config.listen]
+    ports += [("p2p", host, port) for host, port in filter(None, listen)]
+    if config.direct_channels and listen and listen[0] is not None:
+        ports.append(("data plane", listen[0][0], config.data_port))
+    return ports
+
+
+def _tcp_endpoint(multiaddr: str) -> tuple[str, int] | None:
+    parts = multiaddr.split("/")
+    if len(parts) < 5 or parts[0] or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        return None
+    try:
+        ipaddress.ip_address(parts[2])
+        return parts[2], int(parts[4])
+    except ValueError:
+        return None
