@@ -78,6 +78,7 @@ from rich.table import Table
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import StreamError, read_exactly
 from tensorlink.transport import Channel, ChannelService, TransportConfig
 from tensorlink.wire.protocols import BENCH_TRANSPORT_PROTOCOL
@@ -261,7 +262,7 @@ async def serve_async(raw_port: int, data_dir: Path) -> None:
     host = make_host(load_or_create_identity(data_dir))
     async with host.run([LOOPBACK]), trio.open_nursery() as nursery:
         host.set_stream_handler(TProtocol(BENCH_TRANSPORT_PROTOCOL), libp2p_peer)
-        service = ChannelService(host, TransportConfig(direct=True))
+        service = ChannelService(PeerHost(host), TransportConfig(direct=True))
         await nursery.start(service.serve)
         addr = str(host.get_addrs()[0])
         if "/p2p/" not in addr:
@@ -514,7 +515,7 @@ class Bench:
 
 async def open_channel(nursery: trio.Nursery, host: Any, peer: str, *, direct: bool, cipher: str) -> Channel:
     # A second service on the same host re-registers the set-up protocol's handler; this side only opens.
-    service = ChannelService(host, TransportConfig(direct=direct, cipher=cipher))  # type: ignore[arg-type]
+    service = ChannelService(PeerHost(host), TransportConfig(direct=direct, cipher=cipher))  # type: ignore[arg-type]
     await nursery.start(service.serve)
     with trio.fail_after(30):
         channel = await service.open(peer, JOB)

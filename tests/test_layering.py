@@ -89,6 +89,18 @@ def test_only_p2p_imports_libp2p() -> None:
     assert not offenders, "libp2p outside tensorlink/p2p (add a function to p2p instead):\n" + "\n".join(offenders)
 
 
+def test_only_p2p_uses_its_libp2p_internals() -> None:
+    """``p2p/_libp2p.py`` (py-libp2p's patches and private members) is p2p's own; others use PeerHost."""
+    offenders = [
+        f"src/tensorlink/{name}:{line} imports {module}"
+        for name, text in source_files().items()
+        if package_of(PACKAGE / name) != "p2p"
+        for line, module in imports(text, name)
+        if module == "tensorlink.p2p._libp2p"
+    ]
+    assert not offenders, "tensorlink.p2p._libp2p outside tensorlink/p2p:\n" + "\n".join(offenders)
+
+
 def test_packages_import_each_other_one_way_only() -> None:
     graph = edges(source_files())
     cycle = find_cycle(graph)

@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.transport import ChannelError, ChannelService, TransportConfig
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -28,7 +29,7 @@ async def main() -> dict[str, object]:
         a = make_host(load_or_create_identity(Path(tmp) / "a"))
         b = make_host(load_or_create_identity(Path(tmp) / "b"))
         async with a.run([LOOPBACK]), b.run([LOOPBACK]), trio.open_nursery() as nursery:
-            sa, sb = ChannelService(a, TransportConfig()), ChannelService(b, TransportConfig())
+            sa, sb = ChannelService(PeerHost(a), TransportConfig()), ChannelService(PeerHost(b), TransportConfig())
             await nursery.start(sa.serve)
             await nursery.start(sb.serve)
             await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(f"{b.get_addrs()[0]}/p2p/{b.get_id()}")))

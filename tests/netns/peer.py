@@ -52,6 +52,7 @@ import trio
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.reachability import DialBackConfig, open_dial_back
 from tensorlink.p2p.relay import NatTraversal, RelayPolicy, connection_addrs, connection_kind, open_nat_traversal
 
@@ -162,7 +163,7 @@ class Channels:
 
         if self.service is None:
             self._record()
-            service = ChannelService(self.host, TransportConfig(listen_ip=self.listen_ip, direct=True))
+            service = ChannelService(PeerHost(self.host), TransportConfig(listen_ip=self.listen_ip, direct=True))
             await self.nursery.start(service.serve)
             self.service = service
         return {"data_port": self.service.data_port, "data_addrs": self.service.data_addrs()}

@@ -22,6 +22,7 @@ from nodes import NodeProcess
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.transport import ChannelRefused, ChannelService, TransportConfig
 
 pytestmark = [pytest.mark.swarm]
@@ -34,7 +35,7 @@ async def open_channel_to(node: NodeProcess) -> tuple[str, str, dict[str, object
     with tempfile.TemporaryDirectory() as tmp:
         host = make_host(load_or_create_identity(Path(tmp)))
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]), trio.open_nursery() as nursery:
-            service = ChannelService(host, TransportConfig())
+            service = ChannelService(PeerHost(host), TransportConfig())
             await nursery.start(service.serve)
             await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addr)))
             try:

@@ -26,6 +26,7 @@ from tensorlink.p2p.dht import Directory
 from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
 from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.records import WORKERS
 from tensorlink.p2p.streams import close_stream, read_record, write_message
 from tensorlink.validator import JobRefused, request_job
@@ -53,7 +54,7 @@ async def ask(validator: NodeProcess, workers: int, key_dir: Path) -> JobPlan | 
         await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(validator.addr)))
         request = JobRequest(job=secrets.token_bytes(16), owner=peer_id_of(key_pair), workers=workers, units=UNITS)
         try:
-            return await request_job(host, validator.peer_id, request, timeout_s=30)
+            return await request_job(PeerHost(host), validator.peer_id, request, timeout_s=30)
         except JobRefused as exc:
             return exc
 

@@ -17,6 +17,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.transport import Channel, ChannelService, TransportConfig
 from tensorlink.transport.direct import DirectChannel
 from tensorlink.transport.fallback import StreamChannel
@@ -126,7 +127,7 @@ async def open_mesh(
             nodes = []
             # Entered after the hosts, so the services stop (closing their channels) while the hosts run.
             for host, cfg in zip(hosts, configs, strict=True):
-                service = ChannelService(host, cfg, admit=admit)
+                service = ChannelService(PeerHost(host), cfg, admit=admit)
                 await stack.enter_async_context(_serving(service))
                 nodes.append(Node(host, service, host.get_id().to_base58()))
             with trio.fail_after(30):

@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message, write_record
 from tensorlink.validator.trust import UNVERIFIED_GFLOPS, CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import ErrorReply, WorkerCapability
@@ -69,7 +70,7 @@ def honest_handler(trusted: list[str]) -> Callable[[Any], Any]:
 async def test_an_honest_worker_is_measured_and_credited_at_most_its_claim(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with two_hosts(tmp_path, honest_handler([validator_id(tmp_path)])) as (host, _, worker):
-            check = CapacityCheck(host)
+            check = CapacityCheck(PeerHost(host))
             modest = claim(worker, gflops=0.5)  # below any real speed: the claim is the cap
             assert check.due(modest) and check.credited(modest).gflops == 0.5  # type: ignore[union-attr]
             verdict = await check.check(modest)
@@ -101,7 +102,7 @@ async def test_a_worker_that_skips_work_is_caught_and_left_out(tmp_path: Path, s
 
     with trio.fail_after(60):
         async with two_hosts(tmp_path, cheat) as (host, _, worker):
-            check = CapacityCheck(host)
+            check = CapacityCheck(PeerHost(host))
             verdict = await check.check(claim(worker, gflops=1e6, memory=1000 * GIB))
             assert verdict.outcome == "wrong_answer", verdict
             assert f"of {ch.MAX_ROUNDS} round(s)" in verdict.detail or skip != "one_round_less", verdict
@@ -111,7 +112,7 @@ async def test_a_worker_that_skips_work_is_caught_and_left_out(tmp_path: Path, s
 async def test_only_trusted_validators_may_challenge_and_unchecked_claims_count_little(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with two_hosts(tmp_path, honest_handler(["12D3KooWSomeoneElse"])) as (host, me, worker):
-            check = CapacityCheck(host)
+            check = CapacityCheck(PeerHost(host))
             verdict = await check.check(claim(worker, gflops=50.0))
             assert (
                 verdict.outcome == "refused" and f"not_a_validator: {me} is not a trusted validator" in verdict.detail

@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.local import LocalSwarm
 from tensorlink.validator import JobRefused, request_job
 from tensorlink.wire.messages import JobPlan, JobRequest, UnitCost
@@ -39,7 +40,7 @@ async def requester(swarm: LocalSwarm, key_dir: Path) -> AsyncIterator[Any]:
         async def ask(units: list[UnitCost]) -> JobPlan | JobRefused:
             request = JobRequest(job=secrets.token_bytes(16), owner=peer_id_of(key_pair), workers=1, units=units)
             try:
-                return await request_job(host, swarm.validator_peer_ids[0], request, timeout_s=30)
+                return await request_job(PeerHost(host), swarm.validator_peer_ids[0], request, timeout_s=30)
             except JobRefused as exc:
                 return exc
 

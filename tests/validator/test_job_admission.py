@@ -16,6 +16,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import close_stream, open_stream, read_message
 from tensorlink.local import LocalSwarm
 from tensorlink.validator import JobRefused, request_job
@@ -45,7 +46,7 @@ class User:
         return JobRequest(job=secrets.token_bytes(16), owner=self.peer_id, workers=workers, **kwargs)
 
     async def ask(self, request: JobRequest) -> JobPlan:
-        return await request_job(self.host, self.validator, request, timeout_s=20)
+        return await request_job(PeerHost(self.host), self.validator, request, timeout_s=20)
 
     async def send_raw(self, data: bytes) -> ErrorReply:
         """Bytes on the job protocol as they are, and the validator's answer."""

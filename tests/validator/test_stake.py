@@ -17,6 +17,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from tensorlink.chain import SNO, Chain, DeployParams, EmbeddedBackend
 from tensorlink.p2p.host import make_host, serve_protocol
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message, write_record
 from tensorlink.validator import stake
 from tensorlink.validator.trust import ValidatorTrust
@@ -75,9 +76,9 @@ async def test_only_a_peer_that_proves_a_staked_account_is_obeyed(chain: Chain, 
     clock = Clock()
     with trio.fail_after(60):
         async with peers(tmp_path, ["worker", "staked", "unstaked", "copycat", "silent"]) as p:
-            worker_rule = stake.StakedValidators(chain, p["worker"][0], clock=clock)
-            staked = stake.StakedValidators(chain, p["staked"][0], accounts[1].key)
-            unstaked = stake.StakedValidators(chain, p["unstaked"][0], accounts[2].key)
+            worker_rule = stake.StakedValidators(chain, PeerHost(p["worker"][0]), clock=clock)
+            staked = stake.StakedValidators(chain, PeerHost(p["staked"][0]), accounts[1].key)
+            unstaked = stake.StakedValidators(chain, PeerHost(p["unstaked"][0]), accounts[2].key)
             serve_protocol(p["staked"][0], PROOF_PROTOCOL, staked.serve_proof)
             serve_protocol(p["unstaked"][0], PROOF_PROTOCOL, unstaked.serve_proof)
             statement = staked.statement(p["staked"][1])
@@ -120,7 +121,7 @@ async def test_only_a_peer_that_proves_a_staked_account_is_obeyed(chain: Chain, 
 async def test_a_bad_proof_request_gets_a_named_error(chain: Chain, tmp_path: Path, record: bytes) -> None:
     with trio.fail_after(30):
         async with peers(tmp_path, ["asker", "validator"]) as p:
-            rule = stake.StakedValidators(chain, p["validator"][0], chain.backend.accounts[1].key)
+            rule = stake.StakedValidators(chain, PeerHost(p["validator"][0]), chain.backend.accounts[1].key)
             serve_protocol(p["validator"][0], PROOF_PROTOCOL, rule.serve_proof)
             stream = await open_stream(p["asker"][0], p["validator"][1], PROOF_PROTOCOL)
             await write_record(stream, record)

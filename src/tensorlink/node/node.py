@@ -12,9 +12,8 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
@@ -23,12 +22,14 @@ from tensorlink.node.config import NodeConfig
 from tensorlink.node.status import StatusServer
 from tensorlink.p2p.dht import Directory
 from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
-from tensorlink.p2p.host import check_bootstrap, make_host, parse_multiaddr, serve_protocol
+from tensorlink.p2p.host import check_bootstrap, parse_multiaddr
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.reachability import DialBack, Reachability, open_dial_back
-from tensorlink.p2p.records import VALIDATORS, WORKERS, Namespace, RecordError, VerifiedRecord
-from tensorlink.p2p.relay import NatTraversal, RelayError, connection_addrs, connection_kind, open_nat_traversal
-from tensorlink.transport import ChannelService, TransportConfig
+from tensorlink.p2p.records import VALIDATORS, WORKERS, RecordError
+from tensorlink.p2p.relay import NatTraversal, RelayError, open_nat_traversal
+from tensorlink.p2p.roster import Roster
+from tensorlink.transport.service import ChannelService, TransportConfig
 from tensorlink.validator.service import JobService
 from tensorlink.validator.trust import NO_RULE_HINT, CapacityCheck, ValidatorTrust
 from tensorlink.wire.messages import Heartbeat, ValidatorPresence, WorkerCapability
@@ -36,15 +37,15 @@ from tensorlink.wire.protocols import ASSIGN_PROTOCOL, CHALLENGE_PROTOCOL, JOB_P
 from tensorlink.worker.assignments import Assignments, assign_handler
 from tensorlink.worker.challenge import challenge_handler
 
+if TYPE_CHECKING:
+    from tensorlink.worker.stage_host import StageHost  # torch and the IR: imported when a worker starts
+
 log = logging.getLogger(__name__)
 SOFTWARE = f"tensorlink/{tensorlink.__version__}"
 BOOTSTRAP_RETRY_S = 2.0
 BOOTSTRAP_WAIT_S = 5.0  # how long the banner waits for the first bootstrap peer
 DIRECTORY_REFRESH_S = {"validator": 1.0, "worker": 5.0}  # validators match jobs, so they look often
 REACHABILITY_RECHECK_S = 600.0
-PUBLISHER_LISTING_S = 30.0  # full listings are expensive (a walk per shard); heartbeats find peers sooner
-MISSING_RECORD_RETRY_S = 2.0
-MAX_FETCHES_PER_REFRESH = 32
 DIAL_BACK_SERVERS = 5
 
 
@@ -56,8 +57,8 @@ class Node:
         self.peer_id = peer_id_of(self.key_pair)
         self.listen = [parse_multiaddr(a, what="listen address") for a in config.listen]
         check_bootstrap(config.bootstrap)
-        self.host = make_host(self.key_pair, announce=config.announce, psk_hex=config.network_key)
-        self.directory = Directory(self.host, self.key_pair, server=True)
+        self.host = PeerHost.create(self.key_pair, announce=config.announce, psk_hex=config.network_key)
+        self.directory = Directory(self.host.libp2p, self.key_pair, server=True)
         self.channels = ChannelService(
             self.host,
             TransportConfig(
@@ -69,13 +70,13 @@ class Node:
             ),
             admit=self._admits_channel,
         )
-        self.gossip = Gossip(self.host)
+        self.gossip = Gossip(self.host.libp2p)
         self.staked: Any = self._staked_validators()  # validator.stake.StakedValidators where a chain is set
         self.trust = ValidatorTrust(config.validators, self.staked)
         self.capacity = CapacityCheck(self.host)  # validators: what workers' claims are worth
         self.capability: Any = None  # selfbench.Capability on workers
         self.assignments: Assignments | None = None  # workers: stages accepted from validators
-        self.stage_host: Any = None  # workers: worker.stage_host.StageHost, the stages being run
+        self.stage_host: StageHost | None = None  # workers: the stages being run
         self.job_service = JobService(
             self.host, self.peer_id, self._live_worker_capabilities, pending_window_s=config.claim_timeout_s
         )
@@ -83,12 +84,7 @@ class Node:
         self.dial_back: DialBack | None = None
         self.nat: NatTraversal | None = None
         self.started = time.time()
-        self.workers: dict[str, VerifiedRecord] = {}
-        self.validators: dict[str, VerifiedRecord] = {}
-        self.last_heartbeat: dict[str, float] = {}
-        self.candidates: dict[str, set[str]] = {WORKERS.name: set(), VALIDATORS.name: set()}
-        self._last_try: dict[tuple[str, str], float] = {}
-        self.candidates[(WORKERS if config.role == "worker" else VALIDATORS).name].add(self.peer_id)
+        self.roster = Roster(self.directory, self.peer_id, config.role)
         self.status_server = StatusServer(self.status, self.metrics)
         self.registry = CollectorRegistry()
         self._gauges = {
@@ -112,7 +108,7 @@ class Node:
 
     def addrs(self) -> list[str]:
         """What peers should dial: our own addresses, or our relay circuits while we are behind NAT."""
-        own = [str(a) for a in self.host.get_addrs()]
+        own = self.host.addrs()
         if self.reachability is Reachability.PRIVATE and self.nat is not None:
             return self.nat.circuit_addrs() + own
         return own
@@ -128,19 +124,17 @@ class Node:
             "relay": self.config.relay,
             "relay_reservations": [] if self.nat is None else [r.relay for r in self.nat.reservations],
             "dht_mode": "server" if self.directory.server else "client",
-            "peers": sorted(p.to_base58() for p in self.host.get_connected_peers()),
-            "connections": {
-                p.to_base58(): connection_kind(self.host, p) or "closed" for p in self.host.get_connected_peers()
-            },
+            "peers": sorted(self.host.connected()),
+            "connections": {p: self.host.connection_kind(p) or "closed" for p in self.host.connected()},
             "workers": [
                 {**view, "capacity_check": self.capacity.view(view["peer_id"])}
-                for view in _live_views(self.workers, now)
+                for view in self.roster.views(WORKERS, now)
             ],
             "validators": [
-                {**view, "trusted": self.trust.trusts(view["peer_id"])} for view in _live_views(self.validators, now)
+                {**view, "trusted": self.trust.trusts(view["peer_id"])} for view in self.roster.views(VALIDATORS, now)
             ],
             "trusted_validators": self.trust.rule,
-            "heartbeats": {peer: round(now - seen, 1) for peer, seen in self.last_heartbeat.items()},
+            "heartbeats": {peer: round(now - seen, 1) for peer, seen in self.roster.last_heartbeat.items()},
             "data_plane": {
                 "port": self.channels.data_port,
                 "direct": self.channels.offer_direct,
@@ -155,10 +149,10 @@ class Node:
         }
 
     def metrics(self) -> bytes:
-        self._gauges["peers"].set(len(self.host.get_connected_peers()))
+        self._gauges["peers"].set(len(self.host.connected()))
         now = time.time()
-        self._gauges["workers"].set(len(_live_views(self.workers, now)))
-        self._gauges["validators"].set(len(_live_views(self.validators, now)))
+        self._gauges["workers"].set(len(self.roster.views(WORKERS, now)))
+        self._gauges["validators"].set(len(self.roster.views(VALIDATORS, now)))
         self._gauges["routing_table_peers"].set(self.directory.routing_table_size())
         self._gauges["uptime_seconds"].set(time.time() - self.started)
         for topic, count in self.gossip.stats.accepted.items():
@@ -203,26 +197,24 @@ class Node:
                 audit=self.config.audit_inputs,
             )
         async with (
-            self.host.run(self.listen),
+            self.host.run(self.config.listen),
             self.directory.running(),
             self.gossip.running(),
-            open_dial_back(self.host, psk_hex=self.config.network_key) as self.dial_back,
-            open_nat_traversal(self.host, relay=self.config.relay) as self.nat,
+            open_dial_back(self.host.libp2p, psk_hex=self.config.network_key) as self.dial_back,
+            open_nat_traversal(self.host.libp2p, relay=self.config.relay) as self.nat,
             trio.open_nursery() as nursery,
         ):
             port = await nursery.start(self.status_server.serve, self.config.status_port)
             await nursery.start(self.channels.serve)
             if self.assignments is not None:
-                serve_protocol(self.host, ASSIGN_PROTOCOL, assign_handler(self.assignments, self.trust.learn))
-                serve_protocol(
-                    self.host, CHALLENGE_PROTOCOL, challenge_handler(self.capability.device, self.trust), limit=2
-                )
+                self.host.serve(ASSIGN_PROTOCOL, assign_handler(self.assignments, self.trust.learn))
+                self.host.serve(CHALLENGE_PROTOCOL, challenge_handler(self.capability.device, self.trust), limit=2)
             if self.stage_host is not None:
                 await nursery.start(self.stage_host.serve)
             if self.config.role == "validator":
-                serve_protocol(self.host, JOB_PROTOCOL, self.job_service.handle)
+                self.host.serve(JOB_PROTOCOL, self.job_service.handle)
                 if self.staked is not None:
-                    serve_protocol(self.host, self.staked.protocol, self.staked.serve_proof)
+                    self.host.serve(self.staked.protocol, self.staked.serve_proof)
                 nursery.start_soon(self._check_capacity_forever)
             joined = trio.Event()
             nursery.start_soon(self._join, joined)
@@ -236,8 +228,9 @@ class Node:
             nursery.start_soon(self._reachability_forever)
             nursery.start_soon(self._publish_forever)
             nursery.start_soon(self._heartbeat_forever)
-            nursery.start_soon(self._listen_heartbeats)
-            nursery.start_soon(self._refresh_directory_forever)
+            nursery.start_soon(self.roster.listen, self.gossip)
+            # alongside each refresh, a chain's validators: their stake (cached a minute)
+            nursery.start_soon(self.roster.refresh_forever, DIRECTORY_REFRESH_S[self.config.role], self.trust.learn)
 
     async def _join(self, joined: trio.Event) -> None:
         """Keep trying the bootstrap peers until one answers: they may start after us."""
@@ -247,13 +240,13 @@ class Node:
         while not await self.directory.connect_bootstrap(self.config.bootstrap):
             await trio.sleep(BOOTSTRAP_RETRY_S)
         joined.set()
-        log.info("joined the network: %d peer(s) connected", len(self.host.get_connected_peers()))
+        log.info("joined the network: %d peer(s) connected", len(self.host.connected()))
 
     async def _check_reachability(self) -> None:
         """Ask connected peers to dial us back on a fresh connection. Public nodes serve the DHT; private
         ones become DHT clients and take a slot on a relay so that others can still reach them."""
         assert self.dial_back is not None
-        servers = [p.to_base58() for p in self.host.get_connected_peers()][:DIAL_BACK_SERVERS]
+        servers = self.host.connected()[:DIAL_BACK_SERVERS]
         if not servers:
             return
         report = await self.dial_back.check(servers)
@@ -271,7 +264,7 @@ class Node:
         if self.nat.reservations:
             return
         for relay in self.nat.known_relays():
-            for addr in connection_addrs(self.host, relay):
+            for addr in self.host.connection_addrs(relay):
                 try:
                     reservation = await self.nat.reserve(f"{addr}/p2p/{relay}")
                     log.info("behind NAT: reachable through relay %s at %s", relay, reservation.circuit_addrs[0])
@@ -334,66 +327,6 @@ class Node:
             seq += 1
             await trio.sleep(self.config.heartbeat_s)
 
-    async def _listen_heartbeats(self) -> None:
-        with self.gossip.subscribe(HEARTBEATS) as beats:
-            async for sender, beat in beats:
-                self.last_heartbeat[sender] = time.time()
-                namespace = WORKERS if beat.role == "worker" else VALIDATORS
-                if beat.role != "user" and sender != self.peer_id:
-                    self.candidates[namespace.name].add(sender)
-
-    async def _refresh_directory_forever(self) -> None:
-        """Keep the live records of workers and validators.
-
-        Candidates come from heartbeats (a new peer is seen within a heartbeat) and, every
-        PUBLISHER_LISTING_S, from the DHT's publisher lists (peers that do not gossip to us). A record is
-        fetched when it is missing or past half its lifetime, so a peer costs a fetch per half lifetime,
-        not one per refresh; what is known stays until its own signed expiry, so a node vanishes only when
-        it stops refreshing its record, never because one lookup missed it.
-        """
-        period = DIRECTORY_REFRESH_S[self.config.role]
-        next_listing = 0.0
-        while True:
-            if time.monotonic() >= next_listing:
-                next_listing = time.monotonic() + PUBLISHER_LISTING_S
-                for namespace in (WORKERS, VALIDATORS):
-                    self.candidates[namespace.name].update(await self.directory.publishers(namespace))
-            async with trio.open_nursery() as nursery:
-                for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
-                    for peer in self._due(namespace, known):
-                        nursery.start_soon(self._fetch_one, namespace, known, peer)
-                for peer in list(self.validators):  # a chain's validators: their stake (cached a minute)
-                    nursery.start_soon(self.trust.learn, peer)
-            now_ms = time.time() * 1000
-            for namespace, known in ((WORKERS, self.workers), (VALIDATORS, self.validators)):
-                for peer in [p for p, r in known.items() if r.expires_ms <= now_ms]:
-                    log.info("%s gone (record expired): %s", namespace.name, peer)
-                    del known[peer]
-            await trio.sleep(period)
-
-    def _due(self, namespace: Namespace, known: dict[str, VerifiedRecord]) -> list[str]:
-        now = time.time()
-        due = []
-        for peer in self.candidates[namespace.name]:
-            record = known.get(peer)
-            if record is None:
-                if now - self._last_try.get((namespace.name, peer), 0.0) >= MISSING_RECORD_RETRY_S:
-                    due.append(peer)
-            elif record.expires_ms / 1000 - now < (record.expires_ms - record.seq) / 2000:
-                due.append(peer)  # past half its lifetime: the publisher has refreshed it by now
-        return due[:MAX_FETCHES_PER_REFRESH]
-
-    async def _fetch_one(self, namespace: Namespace, known: dict[str, VerifiedRecord], peer: str) -> None:
-        self._last_try[(namespace.name, peer)] = time.time()
-        record = await self.directory.fetch(namespace, peer)
-        if record is None:
-            return
-        old = known.get(peer)
-        if old is None:
-            log.info("%s appeared: %s", namespace.name, peer)
-        if old is None or record.seq > old.seq:
-            known[peer] = record
-
     def _admits_channel(self, peer: str, job: bytes) -> bool:
         """Who may open a data-plane channel here: on a worker only the owner and neighbours of a stage it
         was assigned (set before the channel service serves); elsewhere any authenticated peer."""
@@ -407,19 +340,14 @@ class Node:
 
         return stake.connect(self.config.chain_rpc, self.config.chain_deployment, self.host, self.config.chain_key_file)
 
-    def _live_claims(self) -> list[WorkerCapability]:
-        """Live workers' records as they published them."""
-        now_ms = time.time() * 1000
-        return [r.message for r in self.workers.values() if r.expires_ms > now_ms]  # type: ignore[misc]
-
     def _live_worker_capabilities(self) -> list[WorkerCapability]:
         """Live workers' records as matching may rely on them: claims credited only as far as checked."""
-        return [c for c in map(self.capacity.credited, self._live_claims()) if c is not None]
+        return [c for c in map(self.capacity.credited, self.roster.live_claims()) if c is not None]
 
     async def _check_capacity_forever(self) -> None:
         """Challenge each live worker whose claim is new, changed or due again, one at a time."""
         while True:
-            for claim in self._live_claims():
+            for claim in self.roster.live_claims():
                 if self.capacity.due(claim):
                     await self.capacity.check(claim)
             await trio.sleep(DIRECTORY_REFRESH_S["validator"])
@@ -464,7 +392,7 @@ class Node:
                 f"{c.gflops:.0f} GFLOP/s"
             )
         if self.config.bootstrap:
-            lines.append(f"  peers:        {len(self.host.get_connected_peers())} connected")
+            lines.append(f"  peers:        {len(self.host.connected())} connected")
         else:
             addr = next(iter(self.addrs()), None)
             lines.append("  no bootstrap peers: running alone. Others join this node with")
@@ -481,15 +409,6 @@ def _listen_ip(addr: Any) -> str:
         except Exception:
             continue
     return "0.0.0.0"
-
-
-def _live_views(records: dict[str, VerifiedRecord], now: float) -> list[dict[str, Any]]:
-    """Records as the status endpoint shows them; one that expired since the last refresh is left out."""
-    return [
-        {**msgspec.structs.asdict(r.message), "expires_in_s": round(r.expires_ms / 1000 - now, 1)}
-        for r in records.values()
-        if r.expires_ms / 1000 > now
-    ]
 
 
 def run_node(config: NodeConfig, data_dir: Path) -> int:

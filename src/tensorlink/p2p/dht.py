@@ -122,10 +122,11 @@ class Directory:
         self._peer_id = peer_id_of(key_pair)
         self._provided_at: dict[str, float] = {}  # namespace -> when our announcement last reached a peer
         # validator_changed=True keeps the library from adding its /pk and /ipns validators next to ours.
+        self._validator = tensorlink_validator()
         self._dht = KadDHT(
             host,
             DHTMode.SERVER if server else DHTMode.CLIENT,
-            validator=tensorlink_validator(),
+            validator=self._validator,
             validator_changed=True,
             strict_validation=True,
         )
@@ -254,7 +255,7 @@ class Directory:
         key = record_key(namespace, self._peer_id)
         record = verify_record(key, data)
         local = self._dht.value_store.get(key.encode())
-        if local is not None and self._dht.validator.select(key, [data, local.value]) != 0:
+        if local is not None and self._validator.select(key, [data, local.value]) != 0:
             # the peers holding the newer one would refuse it anyway; say so before any traffic
             raise RecordError(f"{key} already holds a newer record than seq {record.seq}")
         start = time.perf_counter()

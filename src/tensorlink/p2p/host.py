@@ -11,12 +11,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_noise_key_pair
 from libp2p.custom_types import TProtocol
@@ -28,7 +27,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from tensorlink.p2p._libp2p import ReadLoopSafeYamux, install_yamux
-from tensorlink.p2p.streams import awaiting_first_record, error_record, write_record
+from tensorlink.p2p.streams import Stream, awaiting_first_record, error_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ PER_PEER = 4  # streams of one protocol one peer may hold at once
 def serve_protocol(
     host: IHost,
     protocol: str,
-    handler: Callable[[Any], Awaitable[None]],
+    handler: Callable[[INetStream], Awaitable[None]],
     *,
     limit: int = 16,
     per_peer: int = PER_PEER,
@@ -173,7 +172,7 @@ def serve_protocol(
     slots = trio.Semaphore(limit)
     held: dict[str, int] = {}
 
-    async def guarded(stream: Any) -> None:
+    async def guarded(stream: INetStream) -> None:
         peer = _remote(stream)
         if held.get(peer, 0) >= per_peer:
             await _refuse(stream, refuse, "busy", f"peer {peer} already holds {per_peer} streams of {protocol}")
@@ -190,7 +189,7 @@ def serve_protocol(
             if not held[peer]:
                 del held[peer]
 
-    async def _handle(stream: Any, peer: str) -> None:
+    async def _handle(stream: INetStream, peer: str) -> None:
         with trio.CancelScope(deadline=trio.current_time() + first_message_s) as waiting:
             try:
                 with awaiting_first_record(stream, waiting):
@@ -207,7 +206,7 @@ def serve_protocol(
     host.set_stream_handler(TProtocol(protocol), guarded)
 
 
-async def _refuse(stream: Any, refuse: Callable[[str, str], bytes], code: str, reason: str) -> None:
+async def _refuse(stream: Stream, refuse: Callable[[str, str], bytes], code: str, reason: str) -> None:
     """Tell the peer why, then reset; at most ~2 s. Yamux drops what a stream buffered when a reset
     arrives, so the reset waits for the peer to read and close."""
     log.debug("refused a stream from %s: %s", _remote(stream), reason)
@@ -222,14 +221,14 @@ async def _refuse(stream: Any, refuse: Callable[[str, str], bytes], code: str, r
     await reset_stream(stream)
 
 
-def _remote(stream: Any) -> str:
+def _remote(stream: Stream) -> str:
     try:
         return stream.muxed_conn.peer_id.to_base58()
     except Exception:
         return "an unknown peer"
 
 
-async def reset_stream(stream: Any) -> None:
+async def reset_stream(stream: Stream) -> None:
     """Reset a stream we are done with because of the peer; never raises, never waits more than 1 s."""
     with trio.move_on_after(1.0):
         try:

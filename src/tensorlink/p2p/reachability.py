@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import multiaddr
 import trio
@@ -226,7 +226,7 @@ def _is_inbound(host: IHost, stream: INetStream) -> bool:
     try:
         for conn in host.get_network().get_connections(stream.muxed_conn.peer_id):
             if conn.muxed_conn is stream.muxed_conn:
-                return conn.direction == Direction.INBOUND
+                return getattr(conn, "direction", None) == Direction.INBOUND  # SwarmConn's; INetConn lacks it
     except Exception:
         pass
     return False
@@ -331,7 +331,11 @@ class DialBack:
                 assert isinstance(reply, DialBackResponse)
                 if reply.nonce != nonce:
                     return DialBackResult(server, "error", detail="reply carries another nonce")
-                common = {"observed": reply.observed, "dialed": tuple(reply.dialed), "detail": reply.reason}
+                common: dict[str, Any] = {
+                    "observed": reply.observed,
+                    "dialed": tuple(reply.dialed),
+                    "detail": reply.reason,
+                }
                 if reply.status == "ok":
                     if not pending.probed.is_set():
                         # The server claims success, but no probe with our nonce reached us.
@@ -528,7 +532,7 @@ async def open_dial_back(
         finally:
             for proto in (DIALBACK_PROTOCOL, DIALBACK_PROBE_PROTOCOL):
                 try:
-                    host.remove_stream_handler(proto)
+                    host.remove_stream_handler(TProtocol(proto))
                 except Exception:
                     pass
             if serve:

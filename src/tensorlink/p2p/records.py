@@ -135,8 +135,8 @@ def verify_record(key: str, data: bytes, *, now: float | None = None) -> Verifie
     if record.expires_ms > now_ms + (MAX_TTL_S + CLOCK_SKEW_S) * 1000:
         raise RecordError(f"record {key[:80]!r} claims to live longer than {MAX_TTL_S:.0f} s")
     message = decode_message(record.value, expect=namespace.message)  # WireError names what is wrong
-    if getattr(message, "peer_id", publisher) != publisher:
-        raise RecordError(f"record {key[:80]!r} describes peer {message.peer_id}, not its publisher")
+    if (described := getattr(message, "peer_id", publisher)) != publisher:
+        raise RecordError(f"record {key[:80]!r} describes peer {described}, not its publisher")
     return VerifiedRecord(namespace, publisher, message, record.seq, record.expires_ms)
 
 

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from tensorlink.p2p.host import connect_addr, make_host, parse_multiaddr
 from tensorlink.p2p.identity import new_identity, peer_id_of
-from tensorlink.transport import ChannelService, TransportConfig
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.transport.service import ChannelService, TransportConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,7 +34,7 @@ class Client:
         self.key_pair = new_identity()
         self.peer_id = peer_id_of(self.key_pair)
         self.listen_ip = listen_ip
-        self.host = make_host(self.key_pair, psk_hex=psk_hex)
+        self.host = PeerHost.create(self.key_pair, psk_hex=psk_hex)
         self.channels = ChannelService(self.host, TransportConfig(listen_ip=listen_ip))
         self.nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -82,7 +82,7 @@ class Client:
         reached = []
         for addr in addrs:
             try:
-                reached.append(await connect_addr(self.host, addr, 10.0))
+                reached.append(await self.host.connect(addr, 10.0))
             except ConnectionError as exc:
                 log.info("%s", exc)
         return reached
@@ -99,8 +99,7 @@ class Client:
 
     async def _run(self) -> None:
         self._stop = trio.Event()
-        listen = [parse_multiaddr(f"/ip4/{self.listen_ip}/tcp/0", what="listen address")]
-        async with self.host.run(listen), trio.open_nursery() as nursery:
+        async with self.host.run([f"/ip4/{self.listen_ip}/tcp/0"]), trio.open_nursery() as nursery:
             await nursery.start(self.channels.serve)
             self.nursery = nursery
             self._token = trio.lowlevel.current_trio_token()

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from tensorlink.p2p.streams import read_record, write_record
+from tensorlink.p2p.streams import Stream, read_record, write_record
 from tensorlink.stage.links import ChannelLink, Lane, Link
 from tensorlink.stage.runtime import Reservation, StageError, StageRuntime
 from tensorlink.wire.stage import (
@@ -36,11 +36,11 @@ from tensorlink.wire.stage import (
 )
 
 
-async def send_stage(stream: Any, msg: StageMessage) -> None:
+async def send_stage(stream: Stream, msg: StageMessage) -> None:
     await write_record(stream, encode_stage(msg))
 
 
-async def recv_stage(stream: Any) -> StageMessage:
+async def recv_stage(stream: Stream) -> StageMessage:
     return decode_stage(await read_record(stream, MAX_STAGE_MESSAGE))
 
 

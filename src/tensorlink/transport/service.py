@@ -30,14 +30,12 @@ from typing import Any
 import trio
 
 from tensorlink import _C
-from tensorlink.p2p.host import serve_protocol
-from tensorlink.p2p.relay import connection_addrs
+from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import (
+    Stream,
     StreamError,
     close_stream,
     is_relayed_stream,
-    open_stream,
-    own_peer_id,
     read_message,
     remote_peer,
     write_message,
@@ -122,7 +120,7 @@ class ChannelService:
 
     def __init__(
         self,
-        host: Any,
+        host: PeerHost,
         config: TransportConfig = TransportConfig(),
         *,
         pool: _C.BufferPool | None = None,
@@ -146,7 +144,8 @@ class ChannelService:
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    # trio 0.35 has TaskStatus; libp2p's trio-typing 0.10 stubs (which mypy reads first) predate it
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[name-defined]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.config.direct:
@@ -154,7 +153,7 @@ class ChannelService:
                 self.data_port = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(trio.serve_listeners, self._on_tcp, listeners)
                 log.info("data plane listening on %s:%d", self.config.listen_ip, self.data_port)
-            serve_protocol(self.host, CHANNEL_PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER)
+            self.host.serve(CHANNEL_PROTOCOL, self._on_stream, limit=32, per_peer=SETUPS_PER_PEER)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -168,8 +167,7 @@ class ChannelService:
         if not (self.offer_direct and self.data_port):
             return []
         ips: list[str] = []
-        for addr in self.host.get_addrs():
-            text = str(addr)
+        for text in self.host.addrs():
             if "/p2p-circuit" in text:
                 continue
             endpoint = tcp_endpoint("/".join(text.split("/")[:5]))
@@ -208,7 +206,7 @@ class ChannelService:
     async def _open(self, peer: str, job: bytes) -> Channel:
         try:
             with trio.fail_after(self.config.setup_timeout_s):
-                stream = await open_stream(self.host, peer, CHANNEL_PROTOCOL)
+                stream = await self.host.open(peer, CHANNEL_PROTOCOL)
         except trio.TooSlowError:
             raise ChannelError(f"no stream to {peer} within {self.config.setup_timeout_s} s") from None
         except Exception as exc:  # libp2p's errors: unknown peer, no route, protocol not supported
@@ -228,7 +226,7 @@ class ChannelService:
             raise
         return await self._start_channel(stream, sock, keys, peer=peer, job=job, why=why)
 
-    async def _negotiate(self, stream: Any, peer: str, job: bytes) -> tuple[socket.socket | None, ChannelKeys, str]:
+    async def _negotiate(self, stream: Stream, peer: str, job: bytes) -> tuple[socket.socket | None, ChannelKeys, str]:
         """The opener's side of the set-up: keys, then a direct connection if one can be had."""
         eph = Ephemeral()
         nonce = secrets.token_bytes(32)
@@ -239,7 +237,7 @@ class ChannelService:
             raise ChannelRefused(f"{peer} refused a channel: {reply.message} ({reply.code})")
         keys = eph.derive(
             reply.ephemeral_key,
-            opener=own_peer_id(self.host),
+            opener=self.host.peer_id,
             acceptor=peer,
             job=job,
             nonce=nonce,
@@ -269,7 +267,7 @@ class ChannelService:
         # Only the IP we already reach the peer on: its other addresses are usually private ones behind
         # a NAT, where a connect attempt just waits out the timeout.
         reached = {
-            e[0] for e in (tcp_endpoint("/".join(a.split("/")[:5])) for a in connection_addrs(self.host, peer)) if e
+            e[0] for e in (tcp_endpoint("/".join(a.split("/")[:5])) for a in self.host.connection_addrs(peer)) if e
         }
         endpoints = [e for e in map(tcp_endpoint, addrs) if e is not None and e[0] in reached]
         if not endpoints:
@@ -296,9 +294,9 @@ class ChannelService:
         """The next channel a peer opened to this node."""
         return await self._incoming_out.receive()
 
-    async def _on_stream(self, stream: Any) -> None:
+    async def _on_stream(self, stream: Stream) -> None:
         peer = remote_peer(stream)
-        me = own_peer_id(self.host)
+        me = self.host.peer_id
         keys: ChannelKeys | None = None
         try:
             with trio.fail_after(self.config.setup_timeout_s):
@@ -386,7 +384,7 @@ class ChannelService:
     # --- both sides ----------------------------------------------------------------------------------
 
     async def _start_channel(
-        self, stream: Any, sock: socket.socket | None, keys: ChannelKeys, *, peer: str, job: bytes, why: str
+        self, stream: Stream, sock: socket.socket | None, keys: ChannelKeys, *, peer: str, job: bytes, why: str
     ) -> Channel:
         assert self._nursery is not None
         channel: Channel

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 
-from tensorlink.p2p.streams import StreamError, close_stream, open_stream, read_message, write_message
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.p2p.streams import Stream, StreamError, close_stream, read_message, write_message
 from tensorlink.validator.matching import JobRefused
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import ErrorReply, JobPlan, JobRequest
 from tensorlink.wire.protocols import JOB_PROTOCOL
 
 
-async def request_job(host: Any, validator_peer_id: str, request: JobRequest, timeout_s: float = 30.0) -> JobPlan:
+async def request_job(host: PeerHost, validator_peer_id: str, request: JobRequest, timeout_s: float = 30.0) -> JobPlan:
     """Send ``request`` to a validator the host is connected to (or has addresses for) and return its plan.
 
     Raises JobRefused with the validator's code and sentence when it turns the job down, and with code
     ``no_answer`` or ``bad_reply`` when it cannot be reached in time or answers something unusable.
     """
-    stream = None
+    stream: Stream | None = None
     try:
         with trio.fail_after(timeout_s):
-            stream = await open_stream(host, validator_peer_id, JOB_PROTOCOL)
+            stream = await host.open(validator_peer_id, JOB_PROTOCOL)
             await write_message(stream, request)
             reply = await read_message(stream, JobPlan, ErrorReply, max_bytes=JobPlan.max_bytes)
     except trio.TooSlowError:

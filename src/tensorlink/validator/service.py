@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from tensorlink.p2p.host import remember_addrs
-from tensorlink.p2p.streams import StreamError, close_stream, open_stream, read_message, remote_peer, write_message
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.p2p.streams import Stream, StreamError, close_stream, read_message, remote_peer, write_message
 from tensorlink.validator.matching import JobRefused, plan_job
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import (
@@ -60,7 +60,7 @@ class JobService:
 
     def __init__(
         self,
-        host: Any,
+        host: PeerHost,
         peer_id: str,
         workers: Callable[[], list[WorkerCapability]],
         *,
@@ -74,7 +74,7 @@ class JobService:
         self.max_pending_per_owner = max_pending_per_owner
         self.jobs: OrderedDict[bytes, AdmittedJob] = OrderedDict()
 
-    async def handle(self, stream: Any) -> None:
+    async def handle(self, stream: Stream) -> None:
         peer = remote_peer(stream)
         reply: JobPlan | ErrorReply
         try:
@@ -143,11 +143,11 @@ class JobService:
 
     async def _assign(self, peer: str, addrs: list[str], assign: StageAssign, failed: dict[str, str]) -> None:
         """Send one StageAssign; a refusal or silence is recorded in ``failed`` with the reason."""
-        remember_addrs(self.host, peer, addrs, ADDRS_TTL_S)  # from its record: dialable
-        stream = None
+        self.host.remember_addrs(peer, addrs, ADDRS_TTL_S)  # from its record: dialable
+        stream: Stream | None = None
         try:
             with trio.fail_after(ASSIGN_TIMEOUT_S):
-                stream = await open_stream(self.host, peer, ASSIGN_PROTOCOL)
+                stream = await self.host.open(peer, ASSIGN_PROTOCOL)
                 await write_message(stream, assign)
                 reply = await read_message(stream, StageAssigned, ErrorReply, max_bytes=ErrorReply.max_bytes)
         except trio.TooSlowError:

@@ -25,7 +25,8 @@ import trio
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from tensorlink.p2p.streams import close_stream, open_stream, read_record, remote_peer, write_message
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.p2p.streams import Stream, close_stream, read_record, remote_peer, write_message
 from tensorlink.wire.messages import ErrorReply, Message, decode_checked
 from tensorlink.wire.protocols import PROOF_PROTOCOL
 
@@ -36,13 +37,13 @@ PROOF_TIMEOUT_S = 10.0
 Address = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{40}\Z")]
 
 
-class ProofRequest(Message, tag="validator_proof_request"):
+class ProofRequest(Message, tag="validator_proof_request", frozen=True):
     """Asking a peer which staked account is its own."""
 
     max_bytes: ClassVar[int] = 64
 
 
-class ValidatorProof(Message, tag="validator_proof"):
+class ValidatorProof(Message, tag="validator_proof", frozen=True):
     """The account and its signature of ``statement(peer id, chain)``."""
 
     account: Address
@@ -56,7 +57,8 @@ _decoder = msgspec.msgpack.Decoder(Union[ProofRequest, ValidatorProof, ErrorRepl
 class StakingView(Protocol):
     """What this rule reads from the chain (tensorlink.chain.Chain has it)."""
 
-    deployment: Any  # chain_id and staking address
+    @property
+    def deployment(self) -> Any: ...  # chain_id and staking address
 
     def is_validator(self, account: str) -> bool: ...
 
@@ -76,7 +78,11 @@ class StakedValidators:
     protocol: ClassVar[str] = PROOF_PROTOCOL
 
     def __init__(
-        self, chain: StakingView, host: Any, key: bytes | str | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        chain: StakingView,
+        host: PeerHost,
+        key: bytes | str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.chain = chain
         self.host = host
@@ -111,10 +117,10 @@ class StakedValidators:
         log.info("validator %s: %s", peer, why)
 
     async def _check(self, peer: str) -> tuple[bool, str]:
-        stream = None
+        stream: Stream | None = None
         try:
             with trio.fail_after(PROOF_TIMEOUT_S):
-                stream = await open_stream(self.host, peer, PROOF_PROTOCOL)
+                stream = await self.host.open(peer, PROOF_PROTOCOL)
                 await write_message(stream, ProofRequest())
                 reply = decode_checked(_decoder, await read_record(stream, ValidatorProof.max_bytes), "proof")
         except trio.TooSlowError:
@@ -140,7 +146,7 @@ class StakedValidators:
             return False, f"its account {signer} is not in the validator set on chain {self.chain.deployment.chain_id}"
         return True, f"staked as {signer}"
 
-    async def serve_proof(self, stream: Any) -> None:
+    async def serve_proof(self, stream: Stream) -> None:
         """``PROOF_PROTOCOL`` handler: this node's proof, or an error when it has no account."""
         reply: ValidatorProof | ErrorReply
         try:
@@ -154,7 +160,7 @@ class StakedValidators:
             elif self.account is None:
                 reply = ErrorReply(code="no_account", message="this node has no staked account configured")
             else:
-                own = self.host.get_id().to_base58()
+                own = self.host.peer_id
                 signed = self.account.sign_message(encode_defunct(text=self.statement(own)))
                 reply = ValidatorProof(account=self.account.address, signature=bytes(signed.signature))
         try:
@@ -163,7 +169,7 @@ class StakedValidators:
             await close_stream(stream)
 
 
-def connect(rpc_url: str, deployment_file: str, host: Any, key_file: str | None = None) -> StakedValidators:
+def connect(rpc_url: str, deployment_file: str, host: PeerHost, key_file: str | None = None) -> StakedValidators:
     """The chain rule from a node's settings: the JSON-RPC URL, a deployment file (``{"chain_id", "token",
     "staking", "settlement"}``, as ``Chain.deploy`` returns it) and, on a validator, the file holding the
     hex key of its staked account. ValueError naming what is wrong."""

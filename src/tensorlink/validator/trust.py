@@ -3,7 +3,7 @@
 Roles are the network's decision, never the claimant's. A validator presence record signed by a peer
 proves who it is, not that it may assign stages. A peer is a trusted validator when it is staked on
 the chain the node is configured with (validator/stake.py), or when the network's configuration lists
-it (``validators = [...]`` in config.toml, ``--validator PEER_ID``): the rule for networks without a
+it (``validator = [...]`` in config.toml, ``--validator PEER_ID``): the rule for networks without a
 chain. A node with no rule trusts nobody: a worker then refuses every assignment, and says how to
 configure one.
 
@@ -19,14 +19,15 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import msgspec
 import trio
 
-from tensorlink.p2p.streams import close_stream, open_stream, read_record, write_message
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.p2p.streams import Stream, close_stream, read_record, write_message
 from tensorlink.wire.messages import ErrorReply, WorkerCapability
 from tensorlink.wire.protocols import CHALLENGE_PROTOCOL
 from tensorlink.worker.challenge import (
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 NO_RULE_HINT = (
     "no trusted validators are configured: start the node with --validator PEER_ID (repeatable) or list "
-    'them in config.toml as validators = ["PEER_ID", ...], or configure a chain (--chain-rpc, '
+    'them in config.toml as validator = ["PEER_ID", ...], or configure a chain (--chain-rpc, '
     "--chain-deployment)"
 )
 
@@ -121,7 +122,7 @@ class Verdict:
 class CapacityCheck:
     """The validator's record of checked claims; ``credited`` is what matching may rely on."""
 
-    def __init__(self, host: Any, clock: Any = time.monotonic) -> None:
+    def __init__(self, host: PeerHost, clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self._clock = clock
         self.verdicts: dict[str, Verdict] = {}
@@ -189,11 +190,11 @@ class CapacityCheck:
     async def _exchange(self, peer: str, rounds: int) -> float:
         """One challenge: the seconds its correct answer took; _Failed otherwise."""
         seed = secrets.token_bytes(16)
-        stream = None
+        stream: Stream | None = None
         try:
             with trio.fail_after(CHALLENGE_TIMEOUT_S):
                 start = time.perf_counter()
-                stream = await open_stream(self.host, peer, CHALLENGE_PROTOCOL)
+                stream = await self.host.open(peer, CHALLENGE_PROTOCOL)
                 await write_message(stream, CapacityChallenge(seed=seed, rounds=rounds))
                 reply = decode(await read_record(stream, CapacityAnswer.max_bytes))
                 elapsed = time.perf_counter() - start

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from tensorlink.p2p.streams import StreamError, close_stream, read_message, remote_peer, write_message
+from tensorlink.p2p.streams import Stream, StreamError, close_stream, read_message, remote_peer, write_message
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import ErrorReply, StageAssign, StageAssigned
 
@@ -209,7 +209,7 @@ def assign_handler(
     """The ``ASSIGN_PROTOCOL`` stream handler (for ``serve_protocol``): one StageAssign in, one answer
     out. ``learn_validator(peer)`` runs first, so that a staked validator is checked before it is judged."""
 
-    async def handle(stream: Any) -> None:
+    async def handle(stream: Stream) -> None:
         peer = remote_peer(stream)
         try:
             with trio.fail_after(READ_TIMEOUT_S):

@@ -21,7 +21,7 @@ import msgspec
 import numpy as np
 import trio
 
-from tensorlink.p2p.streams import StreamError, close_stream, read_record, remote_peer, write_message
+from tensorlink.p2p.streams import Stream, StreamError, close_stream, read_record, remote_peer, write_message
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import ErrorReply, Message, decode_checked
 from tensorlink.worker.assignments import ValidatorRule
@@ -39,7 +39,7 @@ def flops_per_round() -> int:
     return 2 * N**3
 
 
-class CapacityChallenge(Message, tag="capacity_challenge"):
+class CapacityChallenge(Message, tag="capacity_challenge", frozen=True):
     """A validator asking for ``rounds`` chained N x N products of the matrices drawn from ``seed``."""
 
     seed: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
@@ -47,7 +47,7 @@ class CapacityChallenge(Message, tag="capacity_challenge"):
     max_bytes: ClassVar[int] = 128
 
 
-class CapacityAnswer(Message, tag="capacity_answer"):
+class CapacityAnswer(Message, tag="capacity_answer", frozen=True):
     """A digest of every row of the result, in row order."""
 
     rows: Annotated[bytes, msgspec.Meta(min_length=N * ROW_DIGEST_BYTES, max_length=N * ROW_DIGEST_BYTES)]
@@ -58,7 +58,7 @@ _decoder = msgspec.msgpack.Decoder(Union[CapacityChallenge, CapacityAnswer, Erro
 
 
 def decode(data: bytes) -> CapacityChallenge | CapacityAnswer | ErrorReply:
-    return decode_checked(_decoder, data, "challenge message")  # type: ignore[no-any-return]
+    return decode_checked(_decoder, data, "challenge message")
 
 
 def matrices(seed: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def challenge_handler(device: str, validators: ValidatorRule) -> Callable[[Any],
         async with busy:
             return await trio.to_thread.run_sync(solve, msg, device)
 
-    async def handle(stream: Any) -> None:
+    async def handle(stream: Stream) -> None:
         reply: CapacityAnswer | ErrorReply
         try:
             with trio.fail_after(READ_TIMEOUT_S):

@@ -14,12 +14,13 @@ from typing import Any
 
 import trio
 
-from tensorlink.p2p.host import serve_protocol
-from tensorlink.p2p.streams import StreamError, close_stream, remote_peer
+from tensorlink.p2p.peer_host import PeerHost
+from tensorlink.p2p.streams import Stream, StreamError, close_stream, remote_peer
 from tensorlink.stage.links import Audit, ChannelLink, LinkClosed
 from tensorlink.stage.runtime import StageError
 from tensorlink.stage.session import Session, describe, recv_stage, send_stage
-from tensorlink.transport import Channel, ChannelError, ChannelService
+from tensorlink.transport import Channel, ChannelError
+from tensorlink.transport.service import ChannelService
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.protocols import STAGE_PROTOCOL
 from tensorlink.wire.stage import Close, Done, Failed, StageOpen, encode_stage
@@ -59,7 +60,7 @@ class StageHost:
 
     def __init__(
         self,
-        host: Any,
+        host: PeerHost,
         channels: ChannelService,
         assignments: Any,
         *,
@@ -79,12 +80,11 @@ class StageHost:
     def status(self) -> list[dict[str, Any]]:
         return [s.status() for s in self.sessions.values()]
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    # trio 0.35 has TaskStatus; libp2p's trio-typing 0.10 stubs (which mypy reads first) predate it
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[name-defined]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            serve_protocol(
-                self.host, STAGE_PROTOCOL, self._on_stream, limit=64, per_peer=STAGES_PER_PEER, refuse=_refusal
-            )
+            self.host.serve(STAGE_PROTOCOL, self._on_stream, limit=64, per_peer=STAGES_PER_PEER, refuse=_refusal)
             nursery.start_soon(self._accept_channels)
             task_status.started()
             await trio.sleep_forever()
@@ -124,7 +124,7 @@ class StageHost:
         channel = await self.channels.open(nxt, session.assign.job)
         self._attach(session, nxt, channel)
 
-    async def _on_stream(self, stream: Any) -> None:
+    async def _on_stream(self, stream: Stream) -> None:
         peer = remote_peer(stream)
         opening = await recv_stage(stream)
         if not isinstance(opening, StageOpen):
@@ -153,7 +153,7 @@ class StageHost:
         finally:
             self._end(session)
 
-    async def _serve_session(self, stream: Any, session: Session) -> None:
+    async def _serve_session(self, stream: Stream, session: Session) -> None:
         while True:
             try:
                 msg = await recv_stage(stream)
