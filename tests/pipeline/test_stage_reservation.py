@@ -2,7 +2,7 @@
 cannot load a program larger than the worker can give it (the worker answers ``over_reservation``, naming the
 bytes), and an honest program that needs more than was declared grows its reservation into the worker's free
 memory and runs. The worker is a real StageHost with its real Assignments registry on its own libp2p host; the
-owner is a real Client and Driver, as offload() builds them.
+owner is a real Client and Pipeline, as offload() builds them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ holds no weights of its own: ``state_dict()`` fetches them from the workers into
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -64,16 +65,22 @@ def offload(
     config = getattr(model, "config", None)
     if max_seq_len is None and config is not None:
         max_seq_len = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    settings = Settings(
+        workers=n_workers, micro_batches=micro_batches, schedule=schedule, private=private, max_seq_len=max_seq_len
+    )
+    remote = Remote(functools.partial(_connect, addrs, validator_ids), settings, fused=outputs == "loss")
+    return OffloadedModel(model, remote, outputs=outputs)
+
+
+def _connect(addrs: list[str], validator_ids: list[str]) -> tuple[Client, str]:
+    """A started client connected to the first validator it reaches, and that validator's peer id."""
     client = Client().start()
     reached = client.call(client.connect, addrs)
     validator = next((v for v in validator_ids if v in reached), None)
     if validator is None:
         client.close()
         raise OffloadError(f"no validator reachable at {', '.join(addrs) or '(no address given)'}")
-    settings = Settings(
-        workers=n_workers, micro_batches=micro_batches, schedule=schedule, private=private, max_seq_len=max_seq_len
-    )
-    return OffloadedModel(model, Remote(client, validator, settings, fused=outputs == "loss"), outputs=outputs)
+    return client, validator
 
 
 def _network(network: Any) -> tuple[list[str], list[str], int | None]:
@@ -123,7 +130,6 @@ Signature = tuple[int, tuple[str, ...], tuple[tuple[torch.dtype, int], ...]]
 
 
 class OffloadedModel(torch.nn.Module):
-    local: torch.nn.Module
     """The offloaded model. Call it like the original; see ``offload``.
 
     Like a local module, ``train()``/``eval()`` and ``torch.no_grad()`` decide what a call runs: a training
@@ -133,16 +139,22 @@ class OffloadedModel(torch.nn.Module):
     that only evaluates or generates reserves no gradient or optimizer memory, and is opened again with
     it on the first training forward (its weights are still the model's own)."""
 
+    local: torch.nn.Module  # the user's module, whose weights fetch() fills
+
     def __init__(self, module: torch.nn.Module, remote: Remote, *, outputs: str) -> None:
         super().__init__()
         object.__setattr__(self, "local", module)  # not a submodule: its weights live on the workers
         self.remote = remote
-        self.client = remote.client
         self.outputs = outputs
         self.train(module.training)
         self._signatures: dict[str, Signature] = {}  # per program: the inputs it was captured for
         self._anchor = torch.zeros((), requires_grad=True)
         self._generation_batch: int | None = None  # the batch the workers' KV caches are sized for
+
+    @property
+    def client(self) -> Client:
+        """The client of the current job (each job has its own)."""
+        return self.remote.client
 
     @property
     def pipeline(self) -> Pipeline:
@@ -355,7 +367,6 @@ class OffloadedModel(torch.nn.Module):
     def close(self) -> None:
         """Release the workers and stop the client."""
         self.remote.close()
-        self.client.close()
 
     def stages(self) -> list[dict[str, Any]]:
         """Where each stage runs and what it holds (for logs and the demo); empty before the pipeline opens."""
@@ -363,9 +374,9 @@ class OffloadedModel(torch.nn.Module):
         if pipeline is None:
             return []
         sizes = {name: p.numel() for name, p in self.local.named_parameters(remove_duplicate=False)}
-        held: dict[int, list[str]] = {}
-        for name, stage in pipeline.owner.items():
-            held.setdefault(stage, []).append(name)
+        loaded = pipeline.programs.get("train") or next(iter(pipeline.programs.values()))
+        prefix = loaded.program.prefix
+        held = {k: [name.removeprefix(prefix) for name in part.params] for k, part in enumerate(loaded.split.parts)}
         return [
             {
                 "stage": ref.index,

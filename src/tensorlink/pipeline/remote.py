@@ -2,10 +2,12 @@
 
 The pipeline is opened on first use, for what that use needs (training, evaluation or generation), and
 opened again with training memory when a job that never trained starts training (its workers' weights are
-still the model's own, so nothing is lost). Every call into the client's loop goes through here, so the
-user sees one PipelineError, never a group of them; after a failure in a running job the pipeline is
-closed and every later call fails at once with the first error, instead of waiting on workers that may
-have dropped the job.
+still the model's own, so nothing is lost). Every job is asked for under a client (an identity) of its own,
+as validators expect (they admit one job per owner identity at a time).
+
+Every call into the client's loop goes through here, so the user sees one PipelineError, never a group of
+them; after a failure in a running job the pipeline is closed and every later call fails at once with the
+first error, instead of waiting on workers that may have dropped the job.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ class OffloadError(ValueError):
     """The model or the arguments cannot be offloaded as given; the message says how to fix it."""
 
 
+Connect = Callable[[], tuple[Client, str]]  # a started client and the validator it reached
+
+
 class Remote:
-    def __init__(self, client: Client, validator: str, settings: Settings, *, fused: bool) -> None:
-        self.client = client
-        self.validator = validator
+    def __init__(self, connect: Connect, settings: Settings, *, fused: bool) -> None:
+        self.connect = connect
+        self.client, self.validator = connect()
+        self.asked = False  # this client asked a validator for a job (the next job needs a new client)
         self.settings = settings
         self.fused = fused  # the backward runs with the forward (outputs="loss")
         self.pipeline: Pipeline | None = None
@@ -77,6 +83,10 @@ class Remote:
         if self.pipeline is not None:
             self._close(self.pipeline)
             self.pipeline = None
+        if self.asked:
+            self.client.close()
+            self.client, self.validator = self.connect()
+        self.asked = True
         try:
             self.pipeline = self.client.call(
                 lambda: Pipeline.open(self.client, self.validator, self.settings, program, key=key, fused=self.fused)
@@ -105,7 +115,8 @@ class Remote:
             log.info("closing the pipeline: %s", exc)
 
     def close(self) -> None:
-        """Release the workers (the client stays: the caller owns it)."""
+        """Release the workers and stop the client."""
         if self.pipeline is not None and self.failed is None:
             self._close(self.pipeline)
         self.pipeline = None
+        self.client.close()
