@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tensorlink.p2p import _libp2p
-from tensorlink.p2p._libp2p import RELIED_ON, Private
+from tensorlink.p2p._libp2p import OVERRIDDEN, RELIED_ON, Private
 
 P2P = Path(_libp2p.__file__).parent
 
@@ -22,7 +22,7 @@ def _where(member: Private) -> str:
     return f"{owner}.{member.name} (relied on by {member.used_by})"
 
 
-@pytest.mark.parametrize("member", RELIED_ON, ids=lambda m: m.name)
+@pytest.mark.parametrize("member", RELIED_ON + OVERRIDDEN, ids=lambda m: m.name)
 def test_private_member_still_exists(member: Private) -> None:
     owner = member.owner
     if member.params is None:
@@ -124,7 +124,8 @@ def test_only_the_libp2p_module_touches_libp2p_privates() -> None:
 
 def test_the_yamux_patch_is_installed() -> None:
     """Importing p2p.host makes py-libp2p build our Yamux for every connection (install_yamux)."""
-    import tensorlink.p2p.host  # noqa: F401
     from libp2p.stream_muxer import muxer_multistream
+
+    import tensorlink.p2p.host  # noqa: F401
 
     assert muxer_multistream.Yamux is _libp2p.ReadLoopSafeYamux

@@ -74,6 +74,15 @@ RELIED_ON: tuple[Private, ...] = (
     Private(ProviderStore, "_send_add_provider", ("self", "peer_id", "key"), "send_add_provider: Directory.provide"),
 )
 
+# Public methods TensorLink's subclasses override, relying on when the library calls them (checked like the above).
+OVERRIDDEN: tuple[Private, ...] = (
+    Private(Yamux, "handle_incoming", ("self",), "ReadLoopSafeYamux: the read loop's task"),
+    Private(Pubsub, "push_msg", ("self", "msg_forwarder", "msg"), "gossip._Pubsub: signature check, drop counts"),
+    Private(Pubsub, "stream_handler", ("self", "stream"), "gossip._Pubsub: a garbage stream cannot stop the host"),
+    Private(Pubsub, "notify_subscriptions", ("self", "publish_message"), "gossip._Pubsub: delivery to subscribers"),
+    Private(Pubsub, "peer_queues", None, "SizedRpcQueues: replaces the per-peer outbound queue table"),
+)
+
 
 # -- stream muxer ------------------------------------------------------------------------------------
 
