@@ -124,10 +124,10 @@ def generation_module(model: torch.nn.Module, batch: int, max_len: int) -> Gener
     return module.train(model.training)
 
 
-def example_inputs(batch: int, seq: int, max_len: int) -> dict[str, torch.Tensor]:
+def _example_inputs(batch: int, seq: int, max_len: int) -> dict[str, torch.Tensor]:
     """The inputs of a prefill of ``seq`` tokens, in the program's keyword order."""
-    mask = torch.zeros(batch, max_len, dtype=torch.long)
-    mask[:, :seq] = 1
+    mask = torch.zeros(batch, max_len, dtype=torch.bool)  # bool: it goes with every step, one byte per position
+    mask[:, :seq] = True
     return {
         "input_ids": torch.zeros(batch, seq, dtype=torch.long),
         "attention_mask": mask,
@@ -164,7 +164,7 @@ def capture_generation(model: torch.nn.Module, batch: int, max_len: int) -> Gene
     whole = capture(
         module,
         (),
-        example_kwargs=example_inputs(batch, min(2, max_len), max_len),
+        example_kwargs=_example_inputs(batch, min(2, max_len), max_len),
         dynamic_shapes={
             "input_ids": {1: seq},
             "attention_mask": None,  # always the whole cache
@@ -298,8 +298,8 @@ class RemoteCausalLM(PreTrainedModel, GenerationMixin):
         end = start + seq
         if end > self.decoder.max_len:  # generate's own length check ran; this guards any other caller
             raise GenerationError(f"{end} positions do not fit the workers' cache of {self.decoder.max_len}")
-        mask = torch.zeros(batch, self.decoder.max_len, dtype=torch.long)
-        mask[:, :end] = 1 if attention_mask is None else attention_mask.to(torch.long)
+        mask = torch.zeros(batch, self.decoder.max_len, dtype=torch.bool)
+        mask[:, :end] = True if attention_mask is None else attention_mask.to(torch.bool)
         positions = torch.arange(start, end).expand(batch, seq) if position_ids is None else position_ids
         inputs = {
             "input_ids": input_ids.to(torch.long).contiguous(),
