@@ -116,11 +116,11 @@ def test_a_self_declared_validator_is_ignored(start_node: Callable[..., NodeProc
 
 def test_validators_are_peer_ids_in_the_config(tmp_path: Path) -> None:
     peer = identity(tmp_path / "v")
-    (tmp_path / "config.toml").write_text(f'validators = ["{peer}"]\n')
+    (tmp_path / "config.toml").write_text(f'validator = ["{peer}"]\n')
     assert load_config(tmp_path, {}).validators == [peer]
-    assert load_config(tmp_path, {"validators": [peer, peer]}).validators == [peer, peer]
-    (tmp_path / "config.toml").write_text('validators = ["not a peer id"]\n')
-    with pytest.raises(ConfigError, match="validators"):
+    assert load_config(tmp_path, {"validator": [peer, peer]}).validators == [peer, peer]
+    (tmp_path / "config.toml").write_text('validator = ["not a peer id"]\n')
+    with pytest.raises(ConfigError, match="validator"):
         load_config(tmp_path, {})
     (tmp_path / "config.toml").write_text('chain_rpc = "http://127.0.0.1:8545"\n')
     with pytest.raises(ConfigError, match="chain_rpc and chain_deployment go together"):

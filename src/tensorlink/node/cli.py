@@ -211,7 +211,7 @@ def _require_chain_extra(config: NodeConfig) -> None:
     try:
         import tensorlink.chain  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"chain_rpc is set, but {exc}") from None
+        raise ConfigError(f"a chain is configured (--chain-rpc), but {exc}") from None
 
 
 def _check_ports_free(config: NodeConfig) -> None:

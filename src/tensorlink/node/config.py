@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 CONFIG_FILE = "config.toml"
 DEFAULT_PORT = 4001
