@@ -66,3 +66,43 @@ def test_channels_and_cuda_staging_import_without_libp2p() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "service needs libp2p"
+
+
+# What the chain extra installs (and what it pulls in); coincurve is not here: libp2p needs it too.
+CHAIN_MODULES = ("web3", "eth_account", "eth_tester", "eth", "py_ecc", "eth_abi", "eth_utils", "eth_keys", "hexbytes")
+
+
+def test_offload_and_the_node_need_no_chain_libraries() -> None:
+    """`pip install tensorlink-p2p` without `[chain]`: offload(), LocalSwarm and a node without a chain
+    load; tensorlink.chain says how to install what it needs."""
+    code = f"import sys\nfor name in {CHAIN_MODULES!r}:\n    sys.modules[name] = None\n" + textwrap.dedent(
+        """
+        import tensorlink
+        tensorlink.offload, tensorlink.LocalSwarm, tensorlink.OffloadedModel
+        import tensorlink.node.cli, tensorlink.node.node, tensorlink.validator.trust, tensorlink.worker.stage_host
+        try:
+            import tensorlink.chain
+        except ModuleNotFoundError as exc:
+            print(exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # py-evm's `eth` is the first one tensorlink.chain imports
+    hint = "tensorlink.chain needs the chain extra (eth is not installed): pip install 'tensorlink-p2p[chain]'"
+    assert proc.stdout.strip() == hint
+
+
+def test_the_demo_says_how_to_install_transformers() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["transformers"] = None
+        from tensorlink.demo import build_model
+        build_model(0)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("pip install 'tensorlink-p2p[hf]'"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -6,6 +6,8 @@ hide a broken build.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 try:
@@ -18,6 +20,10 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     ) from exc
 
 __all__ = ["LocalSwarm", "OffloadError", "OffloadedModel", "offload"]
+
+if TYPE_CHECKING:  # what __getattr__ returns, for type checkers and editors
+    from tensorlink.local import LocalSwarm
+    from tensorlink.pipeline.offload import OffloadedModel, OffloadError, offload
 
 
 def __getattr__(name: str) -> object:

@@ -120,10 +120,10 @@ def build_model(seed: int) -> torch.nn.Module:
     try:
         import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as exc:  # installed by `make install` (the test extras)
+    except ImportError as exc:  # the hf extra; `make demo` installs it
         raise SystemExit(
-            f"the demo builds its GPT-2 with transformers, which is not installed ({exc}); run `make install` "
-            'or `pip install "transformers>=4.45"`'
+            f"the demo builds its GPT-2 with transformers, which is not installed ({exc}); run `make demo`, "
+            "or: pip install 'tensorlink-p2p[hf]'"
         ) from None
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
@@ -312,7 +312,7 @@ def _prepare(console: Any, args: argparse.Namespace) -> tuple[Corpus, Any, float
     corpus = Corpus.load(args.seq_len, args.batch_size)
     local = build_model(args.seed)
     n_params = sum(p.numel() for p in local.parameters())
-    cfg = local.config
+    cfg: Any = local.config  # a GPT2Config (nn.Module's __getattr__ is typed Tensor | Module)
     console.print(
         f"[bold]Model[/]: GPT-2 built from a config, byte-level (vocabulary {VOCAB}: 256 bytes + an end token), "
         f"{cfg.n_layer} blocks, width {cfg.n_embd}, {cfg.n_head} heads, context {cfg.n_positions}: "
