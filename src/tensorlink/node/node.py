@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 import tensorlink
 from tensorlink.node.config import NodeConfig
+from tensorlink.node.dashboard import SnapshotCollector, Timeline, assets, memory_view
 from tensorlink.node.status import StatusServer
 from tensorlink.p2p.dht import Directory
 from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
@@ -85,8 +86,10 @@ class Node:
         self.nat: NatTraversal | None = None
         self.started = time.time()
         self.roster = Roster(self.directory, self.peer_id, config.role)
-        self.status_server = StatusServer(self.status, self.metrics)
+        self.timeline = Timeline()  # failures and recoveries, for the dashboard
+        self.status_server = StatusServer(self.status, self.metrics, assets())
         self.registry = CollectorRegistry()
+        self.registry.register(SnapshotCollector(self.status))  # every number the dashboard shows
         self._gauges = {
             name: Gauge(f"tensorlink_{name}", help_text, registry=self.registry)
             for name, help_text in {
@@ -145,6 +148,8 @@ class Node:
             "running": [] if self.stage_host is None else self.stage_host.status(),
             "jobs": self.job_service.status(),
             "capability": None if self.capability is None else self.capability.__dict__,
+            "memory": memory_view(self.capability, self.assignments),
+            "timeline": self.timeline.view(),
             "uptime_s": round(now - self.started, 1),
         }
 
@@ -226,6 +231,7 @@ class Node:
                 log.warning("this worker will refuse every stage: %s", NO_RULE_HINT)
             self._print_banner(port)  # last: whoever waits for the node to be ready waits for the banner
             nursery.start_soon(self._reachability_forever)
+            nursery.start_soon(self.timeline.follow, self.status)
             nursery.start_soon(self._publish_forever)
             nursery.start_soon(self._heartbeat_forever)
             nursery.start_soon(self.roster.listen, self.gossip)
@@ -397,6 +403,7 @@ class Node:
             addr = next(iter(self.addrs()), None)
             lines.append("  no bootstrap peers: running alone. Others join this node with")
             lines.append(f"      python -m tensorlink.node --bootstrap {addr}")
+        lines.append(f"  dashboard:    http://127.0.0.1:{status_port}/")
         lines.append(f"  status:       http://127.0.0.1:{status_port}/status")  # last: tests wait for it
         print("\n".join(lines), flush=True)
 

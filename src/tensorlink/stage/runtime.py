@@ -161,6 +161,7 @@ class StageRuntime:
         self.peak_charged = 0  # the most this stage has been charged (/status: does its reservation cover it?)
         self.fused: FusedGrads | None = None
         self.steps_run = 0
+        self.micro_batches_run = 0  # /status: the dashboard's micro-batches per second
         self._sends: trio.Nursery | None = None
 
     # -- state -----------------------------------------------------------------------------------------
@@ -398,6 +399,7 @@ class StageRuntime:
             finally:
                 self._sends = None
         self.steps_run += 1
+        self.micro_batches_run += cmd.micro_batches
 
     async def run_backward(self, cmd: RunBackward) -> None:
         program = self._program(cmd.key)

@@ -150,6 +150,7 @@ class Session:
             "programs": sorted(rt.programs),
             "parameters": sum(p.numel() for p in rt.parameters().values()) if "train" in rt.programs else 0,
             "steps": rt.steps_run,
+            "micro_batches": rt.micro_batches_run,
             "peak_charged_bytes": rt.peak_charged,
             "optimizer": type(rt.optimizer).__name__ if rt.optimizer is not None else None,
             "links": sorted(self.links),
