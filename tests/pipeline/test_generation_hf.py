@@ -25,6 +25,7 @@ from transformers import (
 from tensorlink.pipeline.generation import UNSUPPORTED, GenerationError, capture_generation, generate
 from tensorlink.stage.runtime import StageRuntime
 
+pytestmark = pytest.mark.slow  # captures a program per model and batch size
 MAX_LEN = 24
 VOCAB = 48
 BOS, EOS = 1, 2

@@ -13,6 +13,7 @@ from tensorlink.stage.runtime import KV_CACHE, StageError, StageRuntime
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.stage import ReorderCache, decode_stage, encode_stage
 
+pytestmark = pytest.mark.slow  # captures a program per model and batch size
 BATCH = 3
 
 
