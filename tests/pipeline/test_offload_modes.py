@@ -58,12 +58,18 @@ def test_eval_before_offload_runs_an_eval_only_job(swarm: tensorlink.LocalSwarm)
         torch.testing.assert_close(got, ref(input_ids=ids()).logits, atol=ATOL, rtol=0)
         got = model(input_ids=ids(seed=1)).logits  # grad enabled, eval mode: as locally, no training job for it
         torch.testing.assert_close(got, ref(input_ids=ids(seed=1)).logits.detach(), atol=ATOL, rtol=0)
+        captured = model.pipeline.programs["eval"]
         for batch, seq in [(2, 8), (4, 5), (1, 3)]:  # within the captured ranges: no re-capture, no refusal
             x = ids(batch, seq, seed=batch + seq)
             with torch.no_grad():
                 torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, atol=ATOL, rtol=0)
+        assert model.pipeline.programs["eval"] is captured
         with pytest.raises(tensorlink.OffloadError, match="the first call sets the largest micro-batch"):
             model(input_ids=ids(2 * BATCH))  # beyond the captured range: refused before anything is sent
+        with torch.no_grad():  # other inputs (labels too): the eval program is captured again for them
+            got = model(input_ids=ids(), labels=ids(seed=3))
+            want = C.reference_loss(ref, {"input_ids": ids(), "labels": ids(seed=3)})
+        torch.testing.assert_close(got.loss, want, atol=ATOL, rtol=0)
         job = model.pipeline.job_id
         stages = running(swarm, job)
         assert len(stages) == 2

@@ -215,18 +215,20 @@ class OffloadedModel(torch.nn.Module):
 
     def _program(self, key: ProgramKey, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loaded:
         """Program ``key`` loaded on the stages for inputs like these: captured from this call and loaded (the
-        pipeline opened for it) on first use; a job that never trained opened again for a training one."""
+        pipeline opened for it) on first use, and an eval program again for other inputs (names, dtypes, ranks);
+        a job that never trained opened again for a training one."""
         signature = (len(args), tuple(kwargs), tuple((t.dtype, t.dim()) for t in [*args, *kwargs.values()]))
         if self.remote.failed is not None:
             self.remote.require()
         pipeline = self.remote.pipeline
         if pipeline is not None and key in pipeline.programs:
-            if signature != self._signatures[key]:
+            if signature == self._signatures[key]:
+                return pipeline.programs[key]
+            if key == "train":  # loading it again would reset the trained weights
                 raise OffloadError(
-                    f"this offloaded model's {key} program was set up for other inputs (names, dtypes or ranks); "
-                    "call it the same way every time, or offload a second copy for the other use"
+                    "this offloaded model was set up to train on other inputs (names, dtypes or ranks); call it "
+                    "the same way every time in training, or offload a second copy for the other use"
                 )
-            return pipeline.programs[key]
         program = self._capture(key, args, kwargs)
         if pipeline is None or (key == "train" and not pipeline.trains):
             pipeline = self.remote.open(program, key)
