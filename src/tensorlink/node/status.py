@@ -140,14 +140,28 @@ class StatusServer:
                 response = h11.Response(status_code=200, headers=_headers("text/event-stream", None))
                 await stream.send_all(conn.send(response))
                 await stream.send_all(conn.send(h11.Data(data=f"retry: {EVENT_RETRY_MS}\n\n".encode())))
-            with trio.move_on_after(EVENT_STREAM_MAX_S):
-                while True:
-                    event = b"data: " + msgspec.json.encode(self._status()) + b"\n\n"  # compact JSON: one line
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await stream.send_all(conn.send(h11.Data(data=event)))
-                    await trio.sleep(EVENT_PERIOD_S)
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                await stream.send_all(conn.send(h11.EndOfMessage()))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_closed, stream, nursery.cancel_scope)
+                with trio.move_on_after(EVENT_STREAM_MAX_S):
+                    while True:
+                        event = b"data: " + msgspec.json.encode(self._status()) + b"\n\n"  # compact JSON: one line
+                        with trio.fail_after(REQUEST_TIMEOUT_S):
+                            await stream.send_all(conn.send(h11.Data(data=event)))
+                        await trio.sleep(EVENT_PERIOD_S)
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await stream.send_all(conn.send(h11.EndOfMessage()))
+                nursery.cancel_scope.cancel()
+
+
+async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Ends an event stream as soon as its client goes away (a closed tab frees its slot at once); what
+    the client sends meanwhile is read and dropped, a bounded amount at a time."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:

@@ -235,13 +235,32 @@ class SnapshotCollector(Collector):
         for v in s.get("validators", []):
             trusted.add_metric([v["peer_id"]], 1 if v["trusted"] else 0)
             record.add_metric([v["peer_id"], "validator"], v["expires_in_s"])
-        yield from (gflops, free, record, trusted)
+        beat = GaugeMetricFamily(
+            "tensorlink_heartbeat_age_seconds",
+            "seconds since a peer's last heartbeat reached this node",
+            labels=["peer"],
+        )
+        for peer, age in sorted(s.get("heartbeats", {}).items()):
+            beat.add_metric([peer], age)
+        yield from (gflops, free, record, trusted, beat)
 
     def _jobs(self, s: Snapshot) -> Iterator[Metric]:
         stages = GaugeMetricFamily("tensorlink_job_stages", "stages of a job this validator admitted", labels=["job"])
+        placed = ["job", "stage", "peer"]
+        units = GaugeMetricFamily(
+            "tensorlink_job_stage_units", "units (layers) a worker holds for a job", labels=placed
+        )
+        reserved = GaugeMetricFamily(
+            "tensorlink_job_stage_memory_bytes",
+            "memory reserved on a worker for a job's stage, in bytes",
+            labels=placed,
+        )
         for job in s.get("jobs", []):
             stages.add_metric([job["job"]], job["n_stages"])
-        yield stages
+            for p in job["stages"]:
+                units.add_metric([job["job"], str(p["stage"]), p["peer_id"]], len(p["units"]))
+                reserved.add_metric([job["job"], str(p["stage"]), p["peer_id"]], p["memory_bytes"])
+        yield from (stages, units, reserved)
         labels = ["job", "stage"]
         steps = CounterMetricFamily("tensorlink_stage_steps", "training steps a stage here has run", labels=labels)
         mbs = CounterMetricFamily("tensorlink_stage_micro_batches", "micro-batches a stage here has run", labels=labels)
@@ -270,15 +289,18 @@ class SnapshotCollector(Collector):
         kinds = Counter(c["kind"] for c in channels if c["closed"] is None)
         for kind in ("direct", "libp2p"):
             open_.add_metric([kind], kinds.get(kind, 0))
+        per_peer = GaugeMetricFamily("tensorlink_peer_channels_open", "open channels to a peer", labels=["peer"])
         totals: dict[str, list[int]] = {}
         for c in channels:
-            t = totals.setdefault(c["peer"], [0, 0])
+            t = totals.setdefault(c["peer"], [0, 0, 0])
             t[0] += c.get("bytes_sent", 0)
             t[1] += c.get("bytes_received", 0)
-        for peer, (out, into) in sorted(totals.items()):
+            t[2] += c["closed"] is None
+        for peer, (out, into, n_open) in sorted(totals.items()):
             sent.add_metric([peer], out)
             received.add_metric([peer], into)
-        yield from (open_, sent, received)
+            per_peer.add_metric([peer], n_open)
+        yield from (open_, per_peer, sent, received)
 
     def _verification(self, s: Snapshot) -> Iterator[Metric]:
         checks = GaugeMetricFamily(
