@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import trio
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -22,8 +23,12 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from tensorlink.ir.split import split
+from tensorlink.pipeline.driver import slots
 from tensorlink.pipeline.generation import UNSUPPORTED, GenerationError, capture_generation, generate
+from tensorlink.stage.links import Lane, LocalLink
 from tensorlink.stage.runtime import StageRuntime
+from tensorlink.wire.stage import RunStep
 
 pytestmark = pytest.mark.slow  # captures a program per model and batch size
 MAX_LEN = 24
@@ -59,6 +64,48 @@ class LocalDecoder:
     def reorder(self, beam_idx: torch.Tensor) -> None:
         self.calls.append(("reorder", beam_idx.tolist()))
         self.runtimes[self.batch].reorder_cache("generate", beam_idx.tolist())
+
+
+class SplitDecoder:
+    """The Decoder protocol on two in-process stages, the program split as a job splits it (layer 0 on stage 0,
+    layer 1 and the head on stage 1): each stage keeps its own layer's cache and reorders it itself."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.max_len = MAX_LEN
+        self.step_no = 0
+
+    def prepare(self, batch: int) -> None:
+        whole = capture_generation(self.model, batch, self.max_len)
+        later = (".h.1.", ".layers.1.", "ln_f", ".norm.", "lm_head")
+        owner = {n: int(any(k in n for k in later)) for n in whole.whole.program.parameters}
+        self.split = sp = split(whole.whole, owner, 2)
+        (self.owner_0, user_0), (self.owner_1, user_1), (fwd, bwd) = (LocalLink.pair() for _ in range(3))
+        self.stages = [
+            StageRuntime(b"s" * 16, 0, 2, {"user": user_0, "next": fwd}),
+            StageRuntime(b"s" * 16, 1, 2, {"user": user_1, "prev": bwd}),
+        ]
+        for k, rt in enumerate(self.stages):
+            rt.load("generate", sp.parts[k].program.to_bytes(), *slots(sp, k))
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.step_no += 1
+        return trio.run(self._step, self.step_no, inputs)
+
+    async def _step(self, step: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        owners = [self.owner_0, self.owner_1]
+        for i, name in enumerate(self.split.user_inputs):
+            await owners[self.split.input_stage[name]].send(Lane.USER_IN, step, 0, i, inputs[name])
+        cmd = RunStep(key="generate", step=step, micro_batches=1, schedule="1f1b", backward="none", training=False,
+                      to_user=[0], tail=1)  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            for rt in self.stages:
+                nursery.start_soon(rt.run_step, cmd)
+        return (await self.owner_1.recv(Lane.USER_OUT, step, 0, 0))[:, -1]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        for rt in self.stages:
+            rt.reorder_cache("generate", beam_idx.tolist())
 
 
 def gpt2() -> PreTrainedModel:
@@ -169,6 +216,19 @@ def test_beam_search_reorders_the_stage_cache(pair: tuple[PreTrainedModel, Local
     reorders = [idx for kind, idx in decoder.calls if kind == "reorder"]
     assert reorders and len(reorders) < steps
     assert all(idx != list(range(6)) for idx in reorders)
+
+
+@pytest.mark.parametrize("case", ["beam search, two returned", "min_p and repetition penalty"])
+def test_split_over_two_stages_equals_hf(pair: tuple[PreTrainedModel, LocalDecoder], case: str) -> None:
+    model = pair[0]
+    decoder = SplitDecoder(model)
+    ids = prompts(length=7)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded prompt as well
+    expected, got = both(model, decoder, ids, attention_mask=mask, pad_token_id=0, **CASES[case])
+    assert torch.equal(got, expected)
+    caches = [[n for n, _ in rt.programs["generate"].module.named_buffers() if "_cache_" in n] for rt in decoder.stages]
+    assert all(caches), f"each stage keeps its own layer's cache: {caches}"
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

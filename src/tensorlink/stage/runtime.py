@@ -435,9 +435,12 @@ class StageRuntime:
 
         def compute() -> list[Any]:
             self._charge(module, values, (cmd.step, mb), keep)  # in this thread: counting a new shape takes a while
-            torch.manual_seed(seed)
+            # The stage's own seed, the process's random stream put back after: a stage in the owner's process
+            # (private mode) must not move the user's (generate's sampling, the user's data order).
+            devices = [self.device] if self.device.type != "cpu" else []
             try:
-                with torch.set_grad_enabled(keep):
+                with torch.random.fork_rng(devices, device_type=self.device.type), torch.set_grad_enabled(keep):
+                    torch.manual_seed(seed)
                     out = module(*values)
             finally:
                 self.running = 0
