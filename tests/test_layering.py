@@ -101,6 +101,27 @@ def test_only_p2p_uses_its_libp2p_internals() -> None:
     assert not offenders, "tensorlink.p2p._libp2p outside tensorlink/p2p:\n" + "\n".join(offenders)
 
 
+# py-libp2p's host and stream API; outside p2p the same operations go through PeerHost and p2p.streams.
+LIBP2P_CALLS = {"get_addrs", "new_stream", "set_stream_handler", "get_connected_peers", "get_peerstore", "get_network",
+                "get_id", "muxed_conn"}  # fmt: skip
+
+
+def libp2p_calls(files: dict[str, str]) -> list[str]:
+    """``file:line uses .name`` for each LIBP2P_CALLS use outside p2p; ``files``: path below src/tensorlink -> text."""
+    return [
+        f"src/tensorlink/{name}:{node.lineno} uses .{node.attr}"
+        for name, text in files.items()
+        if package_of(PACKAGE / name) != "p2p"
+        for node in ast.walk(ast.parse(text, name))
+        if isinstance(node, ast.Attribute) and node.attr in LIBP2P_CALLS
+    ]
+
+
+def test_only_p2p_drives_a_libp2p_host() -> None:
+    offenders = libp2p_calls(source_files())
+    assert not offenders, "libp2p host or stream API outside tensorlink/p2p (use PeerHost):\n" + "\n".join(offenders)
+
+
 def test_packages_import_each_other_one_way_only() -> None:
     graph = edges(source_files())
     cycle = find_cycle(graph)
@@ -125,3 +146,6 @@ def test_the_rules_can_fail() -> None:
     assert graph == {("pipeline", "worker"): ["pipeline/a.py:1"], ("worker", "pipeline"): ["worker/b.py:2"]}
     assert find_cycle(graph) in (["pipeline", "worker", "pipeline"], ["worker", "pipeline", "worker"])
     assert imports("def g():\n    from multiaddr import Multiaddr\n") == [(2, "multiaddr")]
+    assert libp2p_calls({"node/x.py": "h.get_addrs()\n", "p2p/y.py": "h.get_addrs()\n"}) == [
+        "src/tensorlink/node/x.py:1 uses .get_addrs"
+    ]
