@@ -258,7 +258,8 @@ class SnapshotCollector(Collector):
         for job in s.get("jobs", []):
             stages.add_metric([job["job"]], job["n_stages"])
             for p in job["stages"]:
-                units.add_metric([job["job"], str(p["stage"]), p["peer_id"]], len(p["units"]))
+                first, last = p["units"]  # inclusive
+                units.add_metric([job["job"], str(p["stage"]), p["peer_id"]], last - first + 1)
                 reserved.add_metric([job["job"], str(p["stage"]), p["peer_id"]], p["memory_bytes"])
         yield from (stages, units, reserved)
         labels = ["job", "stage"]

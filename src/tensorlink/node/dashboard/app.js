@@ -136,15 +136,20 @@
     return chart;
   }
 
+  // A stage's units (layers) are the inclusive range [first, last].
+  function unitCount(stage) {
+    return stage.units[1] - stage.units[0] + 1;
+  }
+
   // One bar per job: a segment per stage, as wide as the units (layers) it holds.
   function stageMap(stages) {
     const width = 420;
     const height = 22;
-    const total = stages.reduce((sum, s) => sum + s.units.length, 0) || 1;
+    const total = stages.reduce((sum, s) => sum + unitCount(s), 0) || 1;
     const chart = svg("svg", { class: "stagemap", width, height, viewBox: `0 0 ${width} ${height}` });
     let x = 0;
     for (const s of stages) {
-      const w = (s.units.length / total) * width;
+      const w = (unitCount(s) / total) * width;
       const colour = STAGE_COLOURS[s.stage % STAGE_COLOURS.length];
       const rect = svg("rect", { x: x.toFixed(1), y: 0, width: w.toFixed(1), height, fill: colour });
       const title = svg("title", {});
@@ -239,7 +244,7 @@
               { "data-job": job.job, "data-stage": st.stage },
               el("td", {}, st.stage),
               el("td", { "data-field": "worker" }, id(st.peer_id)),
-              el("td", {}, st.units.length ? `${st.units[0]}–${st.units[st.units.length - 1]} (${st.units.length})` : "none"),
+              el("td", { "data-field": "units" }, `${st.units[0]}–${st.units[1]} (${unitCount(st)})`),
               el("td", { class: "num" }, bytes(st.memory_bytes)),
             ),
           ),
