@@ -94,6 +94,12 @@ class Page:
             time.sleep(0.2)
         raise AssertionError(f"the page did not show {what} within {timeout_s} s; errors: {self.errors()}")
 
+    def screenshot(self, path: Path) -> None:
+        """The whole page, the window fitted to its height."""
+        self.driver.set_window_size(1400, int(self.js("return document.documentElement.scrollHeight")) + 16)
+        self.driver.save_screenshot(str(path))
+        assert path.stat().st_size > 10_000, "the screenshot is (nearly) empty"
+
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -168,7 +174,7 @@ def check_validator_page(
     assert len(page.driver.find_elements("css selector", "#jobs svg.stagemap rect")) == 2
     assert "replicas: not available" in page.texts("#jobs")[0]
     assert "SNO balance: not available" in page.texts("#earnings")[0]
-    page.driver.save_screenshot(str(tmp_path / "dashboard-validator.png"))
+    page.screenshot(tmp_path / "dashboard-validator.png")
     assert page.errors() == []
 
 
@@ -208,8 +214,7 @@ def check_worker_page(
     rates = page.texts(f"{row} [data-field=micro_batches_per_s]")
     assert rates and rates[0] != "…" and float(rates[0]) >= 0
     assert page.js("return document.querySelectorAll('svg.spark polyline').length") > 0  # charts drawn
-    page.driver.save_screenshot(str(tmp_path / "dashboard-worker.png"))
-    assert (tmp_path / "dashboard-worker.png").stat().st_size > 10_000
+    page.screenshot(tmp_path / "dashboard-worker.png")
     print(f"dashboard screenshots: {tmp_path}/dashboard-validator.png, {tmp_path}/dashboard-worker.png")
     assert page.errors() == []
 

@@ -156,7 +156,7 @@
       title.textContent = `stage ${s.stage}: ${s.peer_id}`;
       rect.append(title);
       const label = svg("text", { x: (x + 4).toFixed(1), y: 15 });
-      label.textContent = `${s.stage}`;
+      label.textContent = w > 140 ? `stage ${s.stage}: ${short(s.peer_id)}` : `${s.stage}`;
       chart.append(rect, label);
       x += w;
     }
