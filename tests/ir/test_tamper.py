@@ -588,7 +588,7 @@ MALFORMED = {
     "deep nesting": lambda p: b'{"ops_version":1,"graph":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "an extra top-level field": lambda p: p[:-1] + b',"evil":"__import__(\'os\')"}',
     "trailing garbage": lambda p: p + b"}",
-    "nan literal": lambda p: p.replace(b'"ops_version":1', b'"ops_version":NaN', 1),
+    "nan literal": lambda p: re.sub(rb'"ops_version":\d+', b'"ops_version":NaN', p, count=1),
 }
 
 
@@ -1073,6 +1073,9 @@ EXPENSIVE: dict[str, dict] = {
     "clamp_rank16": node("n", "aten.clamp.default", refs("deep"), FLOAT, FLOAT),
     "tril_rank16": node("n", "aten.tril.default", refs("deep"), lit(1)),
     "diff_order8": node("n", "aten.diff.default", refs("img"), lit(8), lit(-1), lit(None), lit(None)),
+    "floor_divide_rank16": node("n", "aten.floor_divide.default", refs("deep"), refs("deep")),
+    "hardsigmoid_rank16": node("n", "aten.hardsigmoid.default", refs("deep")),
+    "logsumexp_rank16": node("n", "aten.logsumexp.default", refs("deep"), _list(lit(0), lit(15))),
     "cat_1024": node("n", "aten.cat.default", _list(*[refs("vec")] * 1024)),
     "split_1024": node("n", "aten.split.Tensor", refs("wide"), lit(1)),
 }  # fmt: skip
@@ -1197,3 +1200,137 @@ def test_nodes_are_capped_across_all_graphs(creator: bytes) -> None:
             }
 
     assert_refused(edit(creator, change), rf"nodes in all its graphs; the cap is {schema.MAX_NODES}")
+
+
+# --- operator set 2, class by class: a hostile program using each class is refused -------------------------------
+
+INT64 = {"type": "dtype", "name": "int64"}
+
+
+def _ints(name: str, start: int, end: int, *shape: int) -> list[dict]:
+    """Nodes making ``name``: int64 values start..end-1, viewed as ``shape`` when given."""
+    made = [node(name if not shape else f"{name}_flat", "aten.arange.start", lit(start), lit(end), dtype=INT64)]
+    if shape:
+        made.append(node(name, "aten.view.default", refs(f"{name}_flat"), _list(*map(lit, shape))))
+    return made
+
+
+# Index-taking ops given an index outside the dim they index (x is [batch, 8]; forward runs at batch 2). ATen's CPU
+# kernels refuse most of these themselves, but its CUDA kernels only assert on the device: the check runs first.
+OUT_OF_BOUNDS: dict[str, list[dict]] = {
+    "gather": [*_ints("i", 0, 16, 2, 8), node("n", "aten.gather.default", refs("x"), lit(1), refs("i"))],
+    "gather negative": [*_ints("i", -8, 8, 2, 8), node("n", "aten.gather.default", refs("x"), lit(1), refs("i"))],
+    "index_select": [*_ints("i", 0, 9), node("n", "aten.index_select.default", refs("x"), lit(1), refs("i"))],
+    "scatter": [*_ints("i", 0, 16, 2, 8), node("n", "aten.scatter.value", refs("x"), lit(1), refs("i"), FLOAT)],
+    "scatter_add": [*_ints("i", 0, 16, 2, 8),
+                    node("n", "aten.scatter_add.default", refs("x"), lit(1), refs("i"), refs("x"))],
+    "scatter_reduce": [*_ints("i", 0, 16, 2, 8),
+                       node("n", "aten.scatter_reduce.two", refs("x"), lit(1), refs("i"), refs("x"), lit("sum"))],
+    "index_add": [*_ints("i", 0, 9), node("s", "aten.new_ones.default", refs("x"), _list(lit(2), lit(9))),
+                  node("n", "aten.index_add.default", refs("x"), lit(1), refs("i"), refs("s"))],
+    "index": [*_ints("i", 0, 100), node("n", "aten.index.Tensor", refs("x"), _list(refs("i")))],
+    "index second dim": [*_ints("i", -9, 0),
+                         node("n", "aten.index.Tensor", refs("x"), _list(lit(None), refs("i")))],
+    "index_put": [*_ints("i", 0, 100), node("v", "aten.new_ones.default", refs("x"), _list(lit(8))),
+                  node("n", "aten.index_put.default", refs("x"), _list(refs("i")), refs("v"))],
+    "take_along_dim": [*_ints("i", 8, 16, 1, 8),
+                       node("n", "aten.take_along_dim.default", refs("x"), refs("i"), lit(1))],
+    "embedding": [*_ints("i", 0, 100), node("n", "aten.embedding.default", refs("x"), refs("i"))],
+    "one_hot": [*_ints("i", 0, 10), node("n", "aten.one_hot.default", refs("i"), lit(4))],
+}  # fmt: skip
+
+
+def _prepend(data: bytes, nodes: list[dict]) -> bytes:
+    def change(doc: dict) -> None:
+        _nodes(doc)[0:0] = nodes
+
+    return edit(data, change)
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_BOUNDS))
+def test_an_index_outside_its_dim_is_refused_before_the_op_runs(creator: bytes, name: str) -> None:
+    """The dry run cannot see index values (meta tensors hold none), so the program loads; its forward is refused
+    by the bounds check (the message is argcheck's, not ATen's), with nothing computed past it."""
+    module = load(_prepend(creator, OUT_OF_BOUNDS[name]))
+    with pytest.raises(IRError, match=r"index values span .* outside \["):
+        module(torch.randn(2, 8))
+
+
+def test_indices_within_their_dims_run() -> None:
+    """The check refuses only what is out of range: a model gathering, scattering and indexing in range runs."""
+
+    class Indexing(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            top = torch.topk(x, 2, dim=-1)
+            picked = torch.gather(x, 1, top.indices) + x.index_select(1, torch.tensor([0, 7]))
+            spread = torch.zeros_like(x).scatter_add(1, top.indices, picked)
+            return spread + nn.functional.one_hot(top.indices[:, 0], 8).float() + x[:, [-1]]
+
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(load(capture(Indexing(), (x,)).to_bytes())(x), Indexing()(x))
+
+
+# Each class's hostile use that load() refuses before anything real runs: (nodes, what the message says).
+REFUSED_AT_LOAD: dict[str, tuple[list[dict], str]] = {
+    # sorting and top-k: k past the dim fails the meta dry run
+    "topk huge k": ([node("n", "aten.topk.default", refs("x"), lit(2**40))], r"dry run"),
+    "topk k past the dim": ([node("n", "aten.topk.default", refs("x"), lit(9))], r"dry run"),
+    "kthvalue k past the dim": ([node("n", "aten.kthvalue.default", refs("x"), lit(100))], r"dry run"),
+    "sort dim out of range": ([node("n", "aten.sort.default", refs("x"), lit(99))], r"'dim'.*\[-16, 15\]"),
+    # shape and views: the rank cap, the output-count cap, null-only arguments, the memory bound
+    "unflatten past the rank cap": (
+        [node("n", "aten.unflatten.int", refs("x"), lit(1), _list(*[lit(1)] * 15 + [lit(8)]))], r"17 dims; the cap"),
+    "tensor_split into 2**31": ([node("n", "aten.tensor_split.sections", refs("x"), lit(2**31))], r"'sections'"),
+    "tensor_split into many by a size": (
+        [node("b", "aten.sym_size.int", refs("x"), lit(0)), node("m", "operator.mul", refs("b"), lit(2**20)),
+         node("n", "aten.tensor_split.sections", refs("x"), refs("m"))], r"tensors; the cap is 1024"),
+    "repeat_interleave huge": ([node("n", "aten.repeat_interleave.self_int", refs("x"), lit(2**40))], r"dry run|GiB"),
+    "repeat_interleave output_size": (
+        [node("n", "aten.repeat_interleave.self_int", refs("x"), lit(2), lit(0), output_size=lit(1))], r"null"),
+    "narrow past the end": ([node("n", "aten.narrow.default", refs("x"), lit(1), lit(4), lit(100))], r"dry run"),
+    # reductions: enums from the fixed table, dims in range, output sizes in the memory bound
+    "linalg_vector_norm dtype 1000": (
+        [node("n", "aten.linalg_vector_norm.default", refs("x"), lit(2), dtype=lit(1000))], r"'dtype'"),
+    "logsumexp dim 99": ([node("n", "aten.logsumexp.default", refs("x"), _list(lit(99)))], r"'dim'"),
+    "histc 2**40 bins": ([node("n", "aten.histc.default", refs("x"), lit(2**40))], r"dry run|GiB"),
+    # pointwise and creation: strings from each op's choices, schema types, the memory bound
+    "scatter_reduce unknown reduce": (
+        [*_ints("i", 0, 8, 1, 8), node("n", "aten.scatter_reduce.two", refs("x"), lit(1), refs("i"), refs("x"),
+                                       lit("exec"))], r"'reduce' must be one of"),
+    "softplus beta a list": ([node("n", "aten.softplus.default", refs("x"), _list(lit(1)))], r"'beta'"),
+    "eye 2**40": ([node("n", "aten.eye.default", lit(2**40))], r"dry run|GiB"),
+    "new_full 2**40": ([node("n", "aten.new_full.default", refs("x"), _list(lit(2**40)), FLOAT)], r"dry run|GiB"),
+    # a value-sized output: one_hot without num_classes sizes itself by the data
+    "one_hot sized by the data": ([*_ints("i", 0, 4), node("n", "aten.one_hot.default", refs("i"))], r"dry run"),
+    "one_hot zero classes": ([*_ints("i", 0, 4), node("n", "aten.one_hot.default", refs("i"), lit(0))],
+                             r"'num_classes'"),
+    # size arithmetic: min and max take sizes and non-negative literals only
+    "sym_min of a negative": ([node("b", "aten.sym_size.int", refs("x"), lit(0)),
+                               node("n", "torch.sym_min", refs("b"), lit(-5))], r"integer in \[0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REFUSED_AT_LOAD))
+def test_hostile_use_of_each_operator_class_is_refused_at_load(creator: bytes, name: str) -> None:
+    nodes, match = REFUSED_AT_LOAD[name]
+    assert_refused(_prepend(creator, nodes), match)
+
+
+@pytest.mark.parametrize("op", ["aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default"])
+def test_uninitialised_creation_hands_back_zeros_not_the_allocators_leftovers(creator: bytes, op: str) -> None:
+    """empty's values are unspecified; the worker zero-fills them, so a program cannot read back memory the
+    worker's allocator held for someone else (here a freed tensor of sevens of the same size)."""
+    size = _list(lit(2), lit(4096))
+    call = {"aten.empty.memory_format": node("e", op, size), "aten.new_empty.default": node("e", op, refs("x"), size),
+            "aten.empty_like.default": node("e", op, refs("x"))}[op]  # fmt: skip
+
+    def change(doc: dict) -> None:
+        _nodes(doc).insert(0, call)
+        doc["graph"]["outputs"] = [refs("e")]
+
+    module = load(edit(creator, change))
+    leftover = torch.full((2, 4096), 7.0)
+    del leftover
+    out = module(torch.randn(2, 8))
+    assert out.shape == ((2, 8) if op == "aten.empty_like.default" else (2, 4096))
+    assert not out.any()

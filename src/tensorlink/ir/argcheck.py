@@ -42,8 +42,9 @@ MAX_COST = 40_000
 INT64 = (-(2**63), 2**63 - 1)
 _ITEMS_PER_UNIT = 16  # list items (cat's inputs) or outputs (split's) that cost one unit
 
-# Integer arguments whose meaning needs a narrower range than int64, by argument name.
-_INT_RANGES: dict[str, tuple[int, int]] = {
+# Integer arguments whose meaning needs a narrower range than int64, by (op, argument) or by argument name.
+_INT_RANGES: dict[str | tuple[str, str], tuple[int, int]] = {
+    ("aten.diff.default", "n"): (0, 8),  # diff's order: the meta kernel loops n times
     **dict.fromkeys(("dim", "dims", "dim0", "dim1", "start_dim", "end_dim"), (-MAX_RANK, MAX_RANK - 1)),
     "reduction": (0, 2),  # none, mean, sum: an enum in C++
     "groups": (1, 2**31),
@@ -51,9 +52,10 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "chunks": (1, MAX_OUTPUTS),
     "split_size": (1, INT64[1]),
     "step": (1, INT64[1]),
-    "n": (0, 8),  # diff's order: the meta kernel loops n times
     "padding_idx": (-(2**31), 2**31),
     "ignore_index": (-(2**31), 2**31),
+    "sections": (1, MAX_OUTPUTS),  # tensor_split: one output per section
+    "num_classes": (1, 2**31),  # one_hot: the default -1 sizes the output by the data, which the dry run cannot
 }
 _LIST_LENGTHS: dict[str, int] = {"split_sizes": MAX_OUTPUTS, "pad": 2 * MAX_RANK}  # pad: two ints per dim
 
@@ -62,7 +64,11 @@ _STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("aten.gelu.default", "approximate"): frozenset({"none", "tanh"}),
     ("aten.pad.default", "mode"): frozenset({"constant", "reflect", "replicate", "circular"}),
     ("aten.div.Tensor_mode", "rounding_mode"): frozenset({"trunc", "floor"}),
+    ("aten.scatter_reduce.two", "reduce"): frozenset({"sum", "prod", "mean", "amax", "amin"}),
 }
+# Arguments that must be absent or null: repeat_interleave's output_size is trusted by the kernel (a wrong one
+# makes the real output differ in size from the dry run's, or the CUDA kernel write past its output).
+_MUST_BE_NULL = frozenset({("aten.repeat_interleave.self_int", "output_size")})
 
 _PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative, so sizes never shrink as inputs grow
 
@@ -112,6 +118,8 @@ def check_call(node: s.Node, kinds: Mapping[str, Kind]) -> Checked:
             if not param.has_default_value():
                 raise IRError(f"node {node.name}: {node.target} argument {name!r} is missing")
             continue
+        if (node.target, name) in _MUST_BE_NULL and not _is_none(bound[name]):
+            raise call.fail(name, "null (stage programs may not set it)", bound[name])
         cost += _check(call, name, param.real_type, bound[name], getattr(param, "N", None))
     if node.target in _COUNTED_OUTPUTS:
         cost += math.ceil(MAX_OUTPUTS / _ITEMS_PER_UNIT)
@@ -121,27 +129,39 @@ def check_call(node: s.Node, kinds: Mapping[str, Kind]) -> Checked:
 def bounded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn``, refusing (ValueError, an IRError once in the interpreter) a call that would return more than
     MAX_OUTPUTS tensors (unbind and split by a size return as many as the input's dim allows, and on meta a
-    million of them cost a minute of validation), or a tensor of more than MAX_RANK dims from the ops that add
-    dims whatever their literal arguments say."""
+    million of them cost a minute of validation), a call with an index outside the dim it indexes (_INDEX_BOUNDS),
+    or a tensor of more than MAX_RANK dims from the ops that add dims whatever their literal arguments say."""
     count = _COUNTED_OUTPUTS.get(target)
     if count is not None:
+        inner = fn
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             n = count(*args, **kwargs)
             if n > MAX_OUTPUTS:
                 raise ValueError(f"{target} would return {n} tensors; the cap is {MAX_OUTPUTS}")
-            return fn(*args, **kwargs)
+            return inner(*args, **kwargs)
 
-        return counted
+        fn = counted
+    index_bounds = _INDEX_BOUNDS.get(target)
+    if index_bounds is not None:
+        unchecked = fn
+
+        def in_bounds(*args: Any, **kwargs: Any) -> Any:
+            for index, low, high in index_bounds(*args, **kwargs):
+                _check_index(target, index, low, high)
+            return unchecked(*args, **kwargs)
+
+        fn = in_bounds
     if target in _ADDS_DIMS:
+        unranked = fn
 
         def ranked(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
+            out = unranked(*args, **kwargs)
             if out.dim() > MAX_RANK:
                 raise ValueError(f"{target} made a tensor of {out.dim()} dims; the cap is {MAX_RANK}")
             return out
 
-        return ranked
+        fn = ranked
     return fn
 
 
@@ -161,13 +181,105 @@ def _split_outputs(t: Any, split_size: Any, dim: Any = 0) -> int:
     return -(-_unbind_outputs(t, dim) // split_size)
 
 
+def _sections_outputs(t: Any, sections: Any, dim: Any = 0) -> int:
+    return sections if isinstance(sections, int) else 0
+
+
+def _indices_outputs(t: Any, indices: Any, dim: Any = 0) -> int:
+    return len(indices) + 1 if isinstance(indices, list) else 0
+
+
 _COUNTED_OUTPUTS: dict[str, Callable[..., int]] = {
     "aten.unbind.int": _unbind_outputs,
     "aten.split.Tensor": _split_outputs,
+    "aten.tensor_split.sections": _sections_outputs,
+    "aten.tensor_split.indices": _indices_outputs,
 }
 # Ops whose result can have more dims than any input and any size list: the rest stay within MAX_RANK because
 # their inputs and size lists do.
-_ADDS_DIMS = frozenset({"aten.unsqueeze.default", "aten.stack.default", "aten.index.Tensor", "aten.embedding.default"})
+_ADDS_DIMS = frozenset(
+    {
+        "aten.unsqueeze.default", "aten.stack.default", "aten.index.Tensor", "aten.embedding.default",
+        "aten.unflatten.int", "aten.one_hot.default",
+    }
+)  # fmt: skip
+
+# -- index bounds: every index an op takes lies in the indexed dim, checked before the op runs -----------------------
+# ATen's CPU kernels check most of these, but its CUDA kernels only assert on the device, which poisons the worker's
+# CUDA context for every job on it: so each index-taking op gets its indices' range checked here (one min/max each;
+# not on meta, where indices hold no values). Each entry yields (index tensor, lowest allowed, one past highest).
+IndexBounds = Callable[..., list[tuple[Any, int, int]]]
+
+
+def _dim_size(t: Any, dim: Any) -> int | None:
+    """t.shape[dim], or None where ATen will refuse the call anyway (not a tensor, dim out of range)."""
+    if not isinstance(t, torch.Tensor) or not isinstance(dim, int) or not -max(t.dim(), 1) <= dim < max(t.dim(), 1):
+        return None
+    return t.shape[dim] if t.dim() else 1
+
+
+def _along_dim(self: Any, dim: Any, index: Any, *_: Any, **__: Any) -> list[tuple[Any, int, int]]:
+    """gather, scatter, index_select, index_add, index_copy: one index into ``self``'s dim, non-negative."""
+    size = _dim_size(self, dim)
+    return [] if size is None else [(index, 0, size)]
+
+
+def _advanced(self: Any, indices: Any, *_: Any, **__: Any) -> list[tuple[Any, int, int]]:
+    """index.Tensor and index_put: each integer index lies in its dim (negatives count from the end); a boolean
+    mask covers as many dims as it has, and ATen checks its shape."""
+    out: list[tuple[Any, int, int]] = []
+    if not isinstance(self, torch.Tensor) or not isinstance(indices, list | tuple):
+        return out
+    dim = 0
+    for index in indices:
+        if isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8):
+            dim += index.dim()
+            continue
+        if isinstance(index, torch.Tensor) and dim < self.dim():
+            out.append((index, -self.shape[dim], self.shape[dim]))
+        dim += 1
+    return out
+
+
+def _take_along_dim(self: Any, indices: Any, dim: Any = None) -> list[tuple[Any, int, int]]:
+    size = self.numel() if dim is None and isinstance(self, torch.Tensor) else _dim_size(self, dim)
+    return [] if size is None else [(indices, 0, size)]
+
+
+def _embedding(weight: Any, indices: Any, *_: Any, **__: Any) -> list[tuple[Any, int, int]]:
+    size = _dim_size(weight, 0)
+    return [] if size is None else [(indices, 0, size)]
+
+
+def _one_hot(self: Any, num_classes: Any = -1) -> list[tuple[Any, int, int]]:
+    return [(self, 0, num_classes)] if isinstance(num_classes, int) and num_classes > 0 else []
+
+
+_INDEX_BOUNDS: dict[str, IndexBounds] = {
+    **dict.fromkeys(
+        ("aten.gather.default", "aten.scatter.src", "aten.scatter.value", "aten.scatter_add.default",
+         "aten.scatter_reduce.two", "aten.index_add.default", "aten.index_copy.default", "aten.index_copy_.default"),
+        _along_dim,
+    ),
+    "aten.index_select.default": _along_dim,
+    "aten.index.Tensor": _advanced,
+    "aten.index_put.default": _advanced,
+    "aten.index_put_.default": _advanced,
+    "aten.take_along_dim.default": _take_along_dim,
+    "aten.embedding.default": _embedding,
+    "aten.one_hot.default": _one_hot,
+}  # fmt: skip
+
+
+def _check_index(target: str, index: Any, low: int, high: int) -> None:
+    """ValueError (an IRError in the interpreter) if an integer ``index`` has a value outside [low, high)."""
+    if not isinstance(index, torch.Tensor) or index.is_meta or index.numel() == 0 or index.is_floating_point():
+        return  # ATen refuses floating indices itself; meta tensors hold no values
+    if index.dtype is torch.bool:
+        return
+    smallest, largest = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
+    if smallest < low or largest >= high:
+        raise ValueError(f"{target}: index values span [{smallest}, {largest}], outside [{low}, {high}) of the dim")
 
 
 @functools.cache
@@ -276,7 +388,7 @@ def _check_int(call: _Call, name: str, arg: s.Arg, *, symbolic: bool) -> None:
         return
     if not _is_int_lit(arg):
         raise call.fail(name, "an integer literal" + (" or a reference to a size" if symbolic else ""), arg)
-    _int_in(call, name, arg, _INT_RANGES.get(name, INT64))
+    _int_in(call, name, arg, _INT_RANGES.get((call.node.target, name)) or _INT_RANGES.get(name, INT64))
 
 
 def _check_scalar(call: _Call, name: str, arg: s.Arg, expected: str = "a number or a reference to a size") -> None:

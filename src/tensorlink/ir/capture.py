@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import safetensors.torch
 import torch
@@ -21,12 +21,13 @@ from tensorlink.ir import schema as s
 from tensorlink.ir.errors import CaptureError
 from tensorlink.ir.ops import ATEN_OPS, OPS_VERSION, PY_OPS, SET_GRAD_REGION, target_name
 from tensorlink.ir.program import StageProgram
+from tensorlink.wire.dtype_names import DTypeName
 from tensorlink.wire.dtypes import NAME_BY_TORCH
 
 DEFAULT_MAX_BATCH = 64
 UNBOUNDED_DIM_CAP = 4096  # a dynamic dim the user left unbounded is capped here, so the worker can bound memory
 _SESSION_SALT = os.urandom(16)  # storage keys mean something only within one capturing process
-_FORMATS = {
+_FORMATS: dict[torch.memory_format, Literal["contiguous_format", "preserve_format", "channels_last"]] = {
     torch.contiguous_format: "contiguous_format",
     torch.preserve_format: "preserve_format",
     torch.channels_last: "channels_last",
@@ -52,19 +53,43 @@ def capture(
     for key, value in [*enumerate(example_args), *kwargs.items()]:
         if not isinstance(value, torch.Tensor):
             raise CaptureError(f"{name}: input {key!r} is a {type(value).__name__}; stage inputs must be tensors")
-    if dynamic_shapes is None:
+    defaults = dynamic_shapes is None
+    if defaults:
         dynamic_shapes = _default_dynamic_shapes(example_args, kwargs, max_seq_len, max_batch)
     was_training = module.training
     module.train(train)
     try:
         ep = export(module, tuple(example_args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
-        raise CaptureError(
-            f"{name} cannot be captured by torch.export: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}"
-        ) from exc
+        retry = defaults and _violated(exc)
+        auto = _export_auto(module, example_args, kwargs, max_seq_len, max_batch) if retry else None
+        if auto is None:
+            raise CaptureError(
+                f"{name} cannot be captured by torch.export: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}"
+            ) from exc
+        ep = auto
     finally:
         module.train(was_training)
     return _convert(ep, name, train, len(example_args), list(kwargs))
+
+
+def _violated(exc: BaseException) -> bool:
+    """Did export refuse the default dynamic dims because the model constrains them (a length it specialises, a
+    batch it compares with another size)?"""
+    return "Constraints violated" in str(exc)
+
+
+def _export_auto(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], max_seq_len: int | None, max_batch: int
+) -> torch.export.ExportedProgram | None:
+    """The default dims as Dim.AUTO within the same bounds: export keeps each as dynamic as the model allows (a dim
+    the model specialises becomes static, a constrained one gets the narrower range), and the program declares
+    what export found, so a worker refuses what the model cannot take. None if export still fails."""
+    auto = _default_dynamic_shapes(args, kwargs, max_seq_len, max_batch, auto=True)
+    try:
+        return export(module, tuple(args), kwargs, dynamic_shapes=auto, strict=False)
+    except Exception:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -93,10 +118,14 @@ def _where(exc: BaseException) -> str:
 
 
 def _default_dynamic_shapes(
-    args: tuple[Any, ...], kwargs: dict[str, Any], max_seq_len: int | None, max_batch: int
+    args: tuple[Any, ...], kwargs: dict[str, Any], max_seq_len: int | None, max_batch: int, auto: bool = False
 ) -> Any:
-    batch = Dim("batch", min=1, max=max_batch)
-    seq = Dim("seq", min=2, max=max_seq_len) if max_seq_len else None
+    """Dim 0 of every input one dynamic batch, dim 1 of inputs of 2+ dims one dynamic sequence (with
+    ``max_seq_len``); with ``auto``, each as Dim.AUTO in the same bounds (see _export_auto)."""
+    batch: Any = Dim.AUTO(min=1, max=max_batch) if auto else Dim("batch", min=1, max=max_batch)
+    seq: Any = None
+    if max_seq_len:
+        seq = Dim.AUTO(min=2, max=max_seq_len) if auto else Dim("seq", min=2, max=max_seq_len)
 
     def spec(t: torch.Tensor) -> dict[int, Any]:
         dims: dict[int, Any] = {0: batch} if t.dim() >= 1 else {}
@@ -128,7 +157,7 @@ class _Converter:
         if isinstance(value, torch.dtype):
             if value not in NAME_BY_TORCH:
                 raise self.fail(node, f"uses dtype {value}, which stage programs do not carry")
-            return s.DType(NAME_BY_TORCH[value])
+            return s.DType(_dtype_name(value))
         if isinstance(value, torch.device):
             return s.Device()
         if isinstance(value, torch.layout):
@@ -159,6 +188,8 @@ class _Converter:
         target = node.target
         if getattr(target, "__name__", "") == "wrap_with_set_grad_enabled":
             enabled, sub, *rest = node.args
+            if not isinstance(sub, torch.fx.Node) or not isinstance(sub.target, str):
+                raise self.fail(node, "runs a region that is not a submodule of the graph")
             submodule = getattr(self.gm, sub.target)
             inner = [
                 s.Placeholder(name=p.name, kind="input", index=i)
@@ -168,6 +199,12 @@ class _Converter:
             args = [self.arg(node, bool(enabled)), *(self.arg(node, a) for a in rest)]
             return s.Node(name=node.name, target=SET_GRAD_REGION, args=args, subgraph=sub.target)
         name = target_name(target)
+        if name is None and isinstance(target, torch._ops.OpOverload):
+            raise self.fail(
+                node,
+                f"is a custom operator of library {target.namespace!r}: Python code of this machine, which no worker "
+                "runs (for transformers' MoE experts, build the model with experts_implementation='batched_mm')",
+            )
         if name is None or (name not in ATEN_OPS and name not in PY_OPS):
             raise self.fail(node, "is not in the stage operator allow-list (tensorlink.ir.ops)")
         return s.Node(
@@ -221,8 +258,7 @@ def _convert(
                     persistent.append(spec.target)
             else:
                 constants.append(spec.target)
-        kind = {"PARAMETER": "parameter", "BUFFER": "buffer", "CONSTANT_TENSOR": "constant"}[spec.kind.name]
-        placeholders.append(s.Placeholder(name=node.name, kind=kind, target=canonical[key]))
+        placeholders.append(s.Placeholder(name=node.name, kind=_STATE_KIND[spec.kind], target=canonical[key]))
     graph = conv.graph(ep.graph, placeholders)
     mutations: dict[str, str] = {}
     output_nodes = next(n for n in ep.graph.nodes if n.op == "output").args[0]
@@ -292,7 +328,7 @@ def _value_metas(ep: torch.export.ExportedProgram) -> tuple[dict[str, s.ValueMet
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dtype in NAME_BY_TORCH:
-            values[node.name] = s.ValueMeta(dtype=NAME_BY_TORCH[val.dtype], shape=[expr(d) for d in val.shape])
+            values[node.name] = s.ValueMeta(dtype=_dtype_name(val.dtype), shape=[expr(d) for d in val.shape])
         elif isinstance(val, torch.SymInt):
             values[node.name] = s.ValueMeta(sym=str(expr(val)))
     return values, dim_ranges
@@ -329,6 +365,9 @@ def _input_spec(name: str, val: torch.Tensor, symbols: dict[str, list[int]], ran
             shape.append(dim)
             continue
         expr = dim.node.expr
+        if expr.is_number:  # a dim export specialised (see _export_auto)
+            shape.append(int(expr))
+            continue
         if not expr.is_Symbol:
             raise CaptureError(f"{name}: input dimension {expr} is an expression, not a plain dynamic dim")
         bounds = ranges.get(expr)
@@ -337,10 +376,22 @@ def _input_spec(name: str, val: torch.Tensor, symbols: dict[str, list[int]], ran
         high = UNBOUNDED_DIM_CAP if not getattr(high, "is_finite", True) or high > 2**31 else int(high)
         symbols[str(expr)] = [low, high]
         shape.append(str(expr))
-    return s.InputSpec(dtype=NAME_BY_TORCH[val.dtype], shape=shape)
+    return s.InputSpec(dtype=_dtype_name(val.dtype), shape=shape)
 
 
-def _output_structure(name: str, spec: Any, count: int) -> tuple[str, list[str]]:
+def _dtype_name(dtype: torch.dtype) -> DTypeName:
+    """The wire's name of a dtype from the fixed table (callers check membership first)."""
+    return cast(DTypeName, NAME_BY_TORCH[dtype])
+
+
+_STATE_KIND: dict[InputKind, Literal["parameter", "buffer", "constant"]] = {
+    InputKind.PARAMETER: "parameter",
+    InputKind.BUFFER: "buffer",
+    InputKind.CONSTANT_TENSOR: "constant",
+}
+
+
+def _output_structure(name: str, spec: Any, count: int) -> tuple[Literal["tensor", "tuple", "dict"], list[str]]:
     """tensor, tuple, or dict (dicts and HF ModelOutputs, whose leaves are named by their keys)."""
     if spec.is_leaf():
         return "tensor", []

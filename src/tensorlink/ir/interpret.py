@@ -15,7 +15,7 @@ import torch
 from tensorlink.ir import schema as s
 from tensorlink.ir.argcheck import ANY, SEQ, TENSOR, Kind, bounded, check_call
 from tensorlink.ir.errors import IRError
-from tensorlink.ir.ops import ATEN_OPS, MODE_DEPENDENT, PY_OPS, SET_GRAD_REGION, resolve
+from tensorlink.ir.ops import ATEN_OPS, MODE_DEPENDENT, PY_OPS, SET_GRAD_REGION, resolve_for_run
 from tensorlink.wire.dtypes import TORCH_BY_NAME
 
 _FORMATS = {
@@ -84,7 +84,7 @@ class Graph:
                 self.cost += 1 + step.subgraph.cost
             elif node.target in ATEN_OPS or node.target in PY_OPS:
                 try:
-                    step.fn = bounded(node.target, resolve(node.target))
+                    step.fn = bounded(node.target, resolve_for_run(node.target))
                 except (AttributeError, TypeError, ValueError) as exc:
                     raise IRError(f"node {node.name}: {node.target} does not resolve in this torch ({exc})") from None
                 checked = check_call(node, kinds)

@@ -453,7 +453,11 @@ def profile(program: StageProgram, sizes: Mapping[str, int]) -> list[Unit]:
 
     flops: dict[str, float] = {}
     nbytes: dict[str, int] = {}
-    value_bytes = {ph.name: _tensor_bytes(inputs[ph.index]) for ph in graph.placeholders if ph.kind == "input"}
+    value_bytes = {
+        ph.name: _tensor_bytes(inputs[ph.index])
+        for ph in graph.placeholders
+        if ph.kind == "input" and ph.index is not None
+    }
     outer = [step.name for step in graph.steps]
     targets = {n.name: n.target for n in p.graph.nodes}
     cursor, seen, allocated = 0, 0.0, 0
