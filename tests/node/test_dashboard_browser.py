@@ -12,11 +12,13 @@ these tests fail (not skip) without them, saying so.
 from __future__ import annotations
 
 import contextlib
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import trio
 
 import tensorlink
 from tensorlink.local import SwarmNode
+from tensorlink.node.dashboard import assets
+from tensorlink.node.status import StatusServer
 from tensorlink.p2p.dht import Directory
 from tensorlink.p2p.gossip import HEARTBEATS, Gossip, GossipError
 from tensorlink.p2p.host import make_host
@@ -284,3 +288,56 @@ def check_hostile(validator: SwarmNode, peer: str, page: Page) -> None:
     assert page.js("return [window.__pwned, window.__pwned2]") == [None, None]
     assert page.js("return document.querySelectorAll('main img, main script, main b').length") == 0
     assert page.errors() == []  # not even a CSP report: nothing tried to run
+
+
+# --- any snapshot: what a node or an owner may serve ----------------------------------------------------------
+
+
+@contextmanager
+def serving(snapshot: dict[str, Any]) -> Iterator[str]:
+    """A status server in a thread of its own serving ``snapshot``; yields the page's URL."""
+    started: queue.Queue[tuple[int, trio.CancelScope, trio.lowlevel.TrioToken]] = queue.Queue()
+
+    async def main() -> None:
+        server = StatusServer(lambda: snapshot, lambda: b"", assets())
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, 0)
+            started.put((port, nursery.cancel_scope, trio.lowlevel.current_trio_token()))
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    port, scope, token = started.get(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(10)
+
+
+def test_a_shared_loss_is_drawn_and_every_peer_string_is_text(page: Page) -> None:
+    """An owner-like snapshot (no roster, no data plane) with a loss series, and peer-supplied strings in
+    every place the page shows one: a channel's close reason, a timeline entry, a validator's software."""
+    job = "ab" * 16
+    snapshot = {
+        "peer_id": "12D3KooWowner", "role": "user", "software": "tensorlink/0.1.0", "reachability": "private",
+        "uptime_s": 5.0,
+        "validators": [{"peer_id": "12D3KooWval", "software": SCRIPT, "trusted": False, "expires_in_s": 30.0}],
+        "jobs": [{"job": job, "owner": "12D3KooWowner", "n_stages": 1, "loss": [3.0, 2.5, 2.25, 2.0],
+                  "stages": [{"stage": 0, "peer_id": "12D3KooWw", "units": [0, 3], "memory_bytes": 1 << 20}]}],
+        "data_plane": {"channels": [{"peer": "12D3KooWw", "job": job, "kind": "direct", "opened_at": 1.0,
+                                     "closed": IMG, "bytes_sent": 10, "bytes_received": 20}]},
+        "timeline": {"events": [{"at": 1.0, "kind": "failure", "what": BOLD}], "counts": {"failure": 1}},
+    }  # fmt: skip
+    with serving(snapshot) as url:
+        page.open(url)
+        points = page.js("return document.querySelector('#jobs svg.chart polyline').getAttribute('points')")
+        assert len(points.split()) == 4
+        assert page.texts("#jobs [data-na]") == ["replicas: not available (each stage runs on one worker)"]
+        assert page.texts("#dataplane tr[data-peer] td")[-1] == IMG
+        (entry,) = page.texts("#timeline li")
+        assert entry.endswith(BOLD)  # after its time
+        assert page.texts("#swarm tr[data-kind=validator] [data-field=software]") == [SCRIPT]
+        time.sleep(2.5)
+        assert page.js("return [window.__pwned, window.__pwned2]") == [None, None]
+        assert page.js("return document.querySelectorAll('main img, main script, main b').length") == 0
+        assert page.errors() == []

@@ -191,3 +191,9 @@ def _is_loopback(host: str) -> bool:
 def is_public_bind(host: str) -> bool:
     """Whether binding ``host`` exposes the status port beyond this machine (needs --status-public)."""
     return not (_is_loopback(host) or host in LOOPBACK_NAMES)
+
+
+def base_url(host: str, port: int) -> str:
+    """The dashboard's URL for the banner: a wildcard bind is reached on this machine at 127.0.0.1."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"

@@ -232,7 +232,7 @@
 
   function renderJobs(s) {
     const parts = [];
-    for (const job of s.jobs) {
+    for (const job of s.jobs.filter((j) => Array.isArray(j.stages))) {
       parts.push(el("h3", { "data-job": job.job }, `Job ${short(job.job)}: ${job.n_stages} stage(s), owner `, id(job.owner)));
       parts.push(stageMap(job.stages));
       parts.push(
@@ -251,7 +251,7 @@
         ),
       );
     }
-    const losses = [];
+    const losses = s.jobs.filter((j) => Array.isArray(j.loss) && j.loss.length).map((j) => [j.job, j.loss]);
     const running = s.running.map((r) => {
       const key = `mb:${r.job}:${r.stage}`;
       const perSecond = rate(key, s.uptime_s, r.micro_batches || 0);
@@ -373,7 +373,18 @@
     );
   }
 
-  function render(s) {
+  // Defaults for what a snapshot may lack (an owner's view has no roster or data plane of its own).
+  function complete(s) {
+    return {
+      workers: [], validators: [], peers: [], heartbeats: {}, jobs: [], running: [], trusted_validators: "",
+      capability: null, memory: {}, timeline: { events: [], counts: {} },
+      ...s,
+      data_plane: { port: null, direct: false, channels: [], ...(s.data_plane || {}) },
+    };
+  }
+
+  function render(snapshot) {
+    const s = complete(snapshot);
     renderNode(s);
     renderSwarm(s);
     renderJobs(s);
