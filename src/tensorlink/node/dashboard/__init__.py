@@ -192,13 +192,13 @@ class SnapshotCollector(Collector):
 
     def _node(self, s: Snapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(
-            "tensorlink_node_info", "this node: role, peer id, reachability, device (value 1)",
-            labels=["peer_id", "role", "reachability", "device", "device_name"],
+            "tensorlink_node_info", "this node: role, peer id, reachability, device, data port (value 1)",
+            labels=["peer_id", "role", "reachability", "device", "device_name", "data_port"],
         )  # fmt: skip
         cap = s.get("capability") or {}
-        info.add_metric(
-            [s["peer_id"], s["role"], s["reachability"], cap.get("device", ""), cap.get("device_name", "")], 1
-        )
+        port = s.get("data_plane", {}).get("port")
+        labels = [s["peer_id"], s["role"], s["reachability"], cap.get("device", ""), cap.get("device_name", "")]
+        info.add_metric([*labels, "" if port is None else str(port)], 1)
         yield info
         speed = GaugeMetricFamily("tensorlink_measured_gflops", "this worker's measured speed, in GFLOP/s")
         if cap:
