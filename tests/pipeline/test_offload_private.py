@@ -1,5 +1,6 @@
 """private=True: the first and the last stage run in this process, so token ids and labels never reach a
-worker. The workers run with --audit-inputs: their /status then lists the dtypes (per lane) and the
+worker (generate() sends a stage that reads them the attention mask and positions, which its attention
+needs). The workers run with --audit-inputs: their /status then lists the dtypes (per lane) and the
 SHA-256 digest of every tensor the job's owner sent them, which the test compares with digests of every
 input it used. A control run with private=False shows that the same check does find the ids there.
 
@@ -48,6 +49,19 @@ def secret_digests(batches: list[dict[str, torch.Tensor]], sequences: list[torch
     return out
 
 
+def generation_inputs(prompt: torch.Size, end: int, cache_len: int) -> list[torch.Tensor]:
+    """The attention masks (over the whole KV cache) and positions of each model call of an unpadded greedy
+    generate(): the prompt, then one token at a time up to ``end`` positions. Workers need them for attention;
+    they say where the cache is filled, not what the tokens are."""
+    rows, n = prompt
+    out = []
+    for start, stop in [(0, n), *((e - 1, e) for e in range(n + 1, end))]:
+        mask = torch.zeros(rows, cache_len, dtype=torch.bool)
+        mask[:, :stop] = True
+        out += [mask, torch.arange(start, stop).expand(rows, stop - start).contiguous()]
+    return out
+
+
 def audits(swarm: tensorlink.LocalSwarm, job: str) -> dict[str, dict[str, Any]]:
     """worker peer id -> what the owner of ``job`` sent it (the job's session must still be open)."""
     out = {}
@@ -80,6 +94,7 @@ def test_private_keeps_token_ids_and_labels_on_this_machine(swarm: tensorlink.Lo
         sequences = [generated[:, :n] for n in range(prompt.shape[1], generated.shape[1] + 1)]
 
         secrets = secret_digests([GPT2.batch(s) for s in range(steps)], sequences)
+        cache = {tensor_digest(t): t for t in generation_inputs(prompt.shape, generated.shape[1], 64)}
         seen = audits(swarm, model.pipeline.job_id.hex())
         assert set(seen) == {w.peer_id for w in swarm.workers}
         for peer, audit in seen.items():
@@ -87,11 +102,15 @@ def test_private_keeps_token_ids_and_labels_on_this_machine(swarm: tensorlink.Lo
             leaked = [secrets[d] for d in audit["digests"] if d in secrets]
             assert not leaked, f"worker {peer} received: {leaked}"
             for lane, shapes in audit["integer_shapes"].items():
-                # programs travel as uint8 bytes; the only other integers are 0-dim: the KV cache's length
-                # while generating. Token ids (a batch of them) would have a shape.
-                if lane != "BLOB":
+                # programs travel as uint8 bytes; user inputs only as the mask and positions below; any other
+                # integers are 0-dim. Token ids (a batch of them) would have a shape.
+                if lane not in ("BLOB", "USER_IN"):
                     assert shapes == [[]], f"worker {peer} got integer tensors of shapes {shapes} on lane {lane}"
-            assert "USER_IN" not in audit["dtypes"], f"worker {peer} got user inputs: {audit['dtypes']}"
+            if "USER_IN" in audit["dtypes"]:  # a stage whose attention reads the mask and positions directly
+                shapes = {tuple(t.shape) for t in cache.values()}
+                assert {tuple(x) for x in audit["integer_shapes"]["USER_IN"]} <= shapes, audit["integer_shapes"]
+                assert set(audit["dtypes"]["USER_IN"]) <= {"bool", "int64"}, audit["dtypes"]
+                assert set(cache) <= set(audit["digests"]), "the mask and positions that came are not generate's"
     finally:
         run.model.close()
 

@@ -48,6 +48,7 @@ from tensorlink.wire.stage import (
     OptimizerStep,
     OutputSlot,
     ProgramKey,
+    ReorderCache,
     RunBackward,
     RunStep,
     ScaleGrads,
@@ -379,6 +380,11 @@ class Pipeline:
                 pieces.append(grad if grad is not None else torch.zeros_like(like))
             out[name] = torch.cat(pieces)
         return out
+
+    async def reorder_cache(self, key: ProgramKey, index: list[int]) -> None:
+        """Beam search: every stage's KV cache of program ``key`` takes its rows ``index`` (each stage checks them)."""
+        self._loaded(key)
+        await self.job.broadcast(lambda ref: ReorderCache(key=key, index=index))
 
     async def commit(self, step: int, scale: float) -> None:
         await self.job.broadcast(lambda ref: CommitGrads(step=step, scale=scale))

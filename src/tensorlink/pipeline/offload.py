@@ -12,10 +12,11 @@ holds no weights of its own: ``state_dict()`` fetches them from the workers into
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.utils._pytree as pytree
@@ -25,7 +26,7 @@ from tensorlink.pipeline.client import Client
 from tensorlink.pipeline.driver import Backward, Pipeline, Settings, StepResult, StepSpec
 from tensorlink.pipeline.job import PipelineError
 from tensorlink.pipeline.optimizer import RemoteOptimizer
-from tensorlink.pipeline.programs import Loaded, Program, capture_generation, capture_program
+from tensorlink.pipeline.programs import Loaded, Program, capture_program
 from tensorlink.pipeline.remote import OffloadError, Remote
 from tensorlink.stage.schedule import SCHEDULES
 from tensorlink.wire.stage import ProgramKey
@@ -161,9 +162,136 @@ class OffloadedModel(torch.nn.Module):
         """The open pipeline (tensorlink.pipeline.driver.Pipeline); an error if none is."""
         return self.remote.require()
 
+    # -- like the local module ------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """Read-only attributes of the local module that are plain values (HF's ``config``,
+        ``generation_config``, ``name_or_path``, ``main_input_name``, ...). Not its tensors, submodules or
+        methods: those would show or change weights that live on the workers."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            local = self.__dict__.get("local")
+            if local is None or name.startswith("__"):
+                raise
+        value = getattr(local, name)
+        if isinstance(value, torch.Tensor | torch.nn.Module) or callable(value):
+            raise AttributeError(
+                f"{name!r} of the {type(local).__name__} is not available on the offloaded model: its weights, "
+                "submodules and methods stay with the module the workers run (model.fetch() returns that module "
+                "with the workers' current weights)"
+            )
+        return value
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go and outputs come back: this machine's CPU (the workers pick their own devices)."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's weights (on the workers as here; see ``to``)."""
+        return _float_dtype(self.local)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The local module's count (HF's num_parameters where it has one); the workers hold the same weights."""
+        count = getattr(self.local, "num_parameters", None)
+        if callable(count):
+            return int(count(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings))
+        embedding = torch.nn.Embedding
+        skip = {id(m.weight) for m in self.local.modules() if isinstance(m, embedding)} if exclude_embeddings else set()
+        params = self.local.parameters()
+        return sum(p.numel() for p in params if (p.requires_grad or not only_trainable) and id(p) not in skip)
+
+    def can_generate(self) -> bool:
+        can = getattr(self.local, "can_generate", None)
+        return bool(can()) if callable(can) else False
+
+    def parameters(self, recurse: bool = True) -> NoReturn:
+        """Refused (see PARAMETERS): an empty list would let clip_grad_norm_ and optimizers do nothing silently."""
+        raise OffloadError(PARAMETERS)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise OffloadError(PARAMETERS)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The workers' gradients, as the remote optimizer's zero_grad."""
+        if self.remote.trains:
+            self.remote.call(lambda p: p.zero_grad())
+
+    def to(self, *args: Any, **kwargs: Any) -> OffloadedModel:
+        """A floating dtype takes effect on the workers (see ``_cast``); this machine's CPU is the only device."""
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != "cpu":
+            raise OffloadError(DEVICE)
+        if memory_format is not None:
+            raise OffloadError("memory_format cannot be changed on an offloaded model; set it before offload()")
+        if dtype is not None:
+            self._cast(dtype)
+        return self
+
+    def half(self) -> OffloadedModel:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> OffloadedModel:
+        return self.to(torch.bfloat16)
+
+    def float(self) -> OffloadedModel:
+        return self.to(torch.float32)
+
+    def double(self) -> OffloadedModel:
+        return self.to(torch.float64)
+
+    def cuda(self, device: Any = None) -> NoReturn:
+        raise OffloadError(DEVICE)
+
+    def cpu(self) -> OffloadedModel:
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NoReturn:
+        """Every other conversion (``type``, ``xpu``, ``share_memory``, ...) would touch no weight: refused."""
+        raise OffloadError(
+            "this conversion cannot reach the weights, which live on the workers; convert the module before "
+            "offload() (module.<conversion>(); offload(module, ...)), or use model.to(dtype)"
+        )
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        """Cast the weights to ``dtype``: the local module (with the workers' current weights) is cast and the
+        next call sets the pipeline up again from it; a no-op when it already has that dtype."""
+        if not dtype.is_floating_point:
+            raise OffloadError(f"a model's weights can be cast to a floating dtype only, not {dtype}")
+        if _float_dtype(self.local) == dtype:
+            return
+        self.fetch()
+        self.local.to(dtype)
+        self._restart()
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """torch's load_state_dict on the local module (its result and errors: missing and unexpected keys),
+        whose weights then go to the workers: before the first call with it, else by setting the pipeline up
+        again at the next call. Keys not given keep the workers' current values (fetched first)."""
+        self.fetch()
+        try:
+            return self.local.load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:  # torch copies what matches before it raises for missing or unexpected keys
+            self._restart()
+
+    def _restart(self) -> None:
+        """The local module's weights changed: the workers' are stale. The pipeline is closed, to be opened again
+        from the module at the next call (the remote optimizer is made there again, with fresh state)."""
+        if self.remote.pipeline is None:
+            return
+        log.info("the model's weights changed here: the pipeline is set up again at the next call")
+        self.remote.restart()
+        self._signatures.clear()
+        self._generation_batch = None
+
     # -- the model's call -----------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_autocast()
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         for name, value in [*enumerate(args), *kwargs.items()]:
             if not isinstance(value, torch.Tensor):
@@ -270,7 +398,7 @@ class OffloadedModel(torch.nn.Module):
         torch's optimizers; see tensorlink.stage.runtime.OPTIMIZERS)."""
         return RemoteOptimizer(self.remote, cls, **hyper)
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: builtins.float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ across every stage; returns the total norm before clipping."""
         if not self.remote.trains:
             self.remote.require()
@@ -312,54 +440,36 @@ class OffloadedModel(torch.nn.Module):
     # -- generation -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **unsupported: Any) -> torch.Tensor:
-        """Greedy decoding for HF causal LMs, on the workers with the trained weights. Each stage keeps
-        the KV cache of its own layers: the prompt is sent once, then one token per step. Before any forward
-        call the pipeline opens for generation alone."""
-        if unsupported:
-            raise OffloadError(f"generate() supports greedy decoding only; not: {', '.join(sorted(unsupported))}")
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Hugging Face's own ``generate`` with every argument it takes (see tensorlink.pipeline.generation for
+        what is refused), run here; only the model calls go to the workers, which keep the KV cache of their own
+        layers (max_seq_len positions) and hold the trained weights. Before any forward call the pipeline opens
+        for generation alone."""
+        _refuse_autocast()
         limit = self.remote.settings.max_seq_len
         if limit is None:
             raise OffloadError("generate() needs max_seq_len (offload(..., max_seq_len=N)) to size the KV cache")
-        if input_ids.shape[1] + max_new_tokens > limit:
-            raise OffloadError(
-                f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                f"{limit} positions the model was captured for; shorten the prompt or ask for fewer tokens"
-            )
-        batch = input_ids.shape[0]
-        self._load_generation(batch, input_ids, limit)
-        config = getattr(self.local, "config", None)
-        eos = getattr(config, "eos_token_id", None)
-        pad = getattr(config, "pad_token_id", None)
-        ids, step_ids = input_ids, input_ids
-        done = torch.zeros(batch, dtype=torch.bool)
-        spec = StepSpec(key="generate", tail=1)
-        for _ in range(max_new_tokens):
-            start = ids.shape[1] - step_ids.shape[1]
-            step = [step_ids, torch.arange(start, ids.shape[1])]
-            result = self.remote.call(Pipeline.run, spec, step)
-            token = result.outputs[0][:, -1, :].argmax(-1)
-            if eos is not None:
-                token = torch.where(done, torch.full_like(token, eos if pad is None else pad), token)
-                done |= token == eos
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            step_ids = token[:, None]
-            if eos is not None and bool(done.all()):
-                break
-        return ids
-
-    def _load_generation(self, batch: int, example_ids: torch.Tensor, limit: int) -> None:
-        """The generation program for this batch on the stages (the KV cache is sized for one batch: captured
-        again for another); the pipeline opened for it if none is."""
         if self.remote.failed is not None:
             self.remote.require()
-        if self._generation_batch == batch and self.remote.pipeline is not None:
+        from tensorlink.pipeline import generation  # transformers: the [hf] extra
+
+        kwargs.setdefault("use_cache", True)  # the workers keep a KV cache even where the config says no (training)
+        return generation.generate(self.local, _Decoder(self, limit), input_ids, attention_mask, **kwargs)
+
+    def _load_generation(self, batch: int, limit: int) -> None:
+        """The generation program for ``batch`` rows on the stages (the KV cache is sized for one batch: captured
+        again for another); the pipeline opened for it if none is."""
+        from tensorlink.pipeline.generation import capture_generation
+
+        pipeline = self.remote.pipeline
+        if self._generation_batch == batch and pipeline is not None and "generate" in pipeline.programs:
             return
         try:
-            program = capture_generation(self.local, batch, example_ids, limit)
-        except (CaptureError, ValueError) as exc:
+            captured = capture_generation(self.local, batch, limit)
+        except CaptureError as exc:
             raise OffloadError(f"generate() cannot capture this model for the workers: {exc}") from None
-        if self.remote.pipeline is None:
+        program = Program(captured.whole, None, captured.prefix)
+        if pipeline is None:
             self.remote.open(program, "generate")
             self._signatures.clear()
         else:
@@ -388,6 +498,59 @@ class OffloadedModel(torch.nn.Module):
             }
             for ref in pipeline.job.stages
         ]
+
+
+class _Decoder:
+    """tensorlink.pipeline.generation's Decoder on the model's pipeline: a step is a run of the "generate"
+    program that brings back the last position's logits; a beam reorder goes to every stage's KV cache."""
+
+    def __init__(self, model: OffloadedModel, max_len: int) -> None:
+        self.model = model
+        self.max_len = max_len
+
+    def prepare(self, batch: int) -> None:
+        self.model._load_generation(batch, self.max_len)
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = self.model.pipeline.programs["generate"].split.user_inputs
+        result = self.model.remote.call(Pipeline.run, GENERATE_STEP, [inputs[name] for name in names])
+        return result.outputs[0][:, -1]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        index = [int(i) for i in beam_idx.tolist()]
+        self.model.remote.call(lambda p: p.reorder_cache("generate", index))
+
+
+GENERATE_STEP = StepSpec(key="generate", tail=1)
+PARAMETERS = (
+    "an offloaded model's parameters live on the workers, so torch's optimizers and utilities cannot take them: "
+    "make the optimizer with model.optimizer(torch.optim.AdamW, lr=...) (it steps on the workers; LR schedulers "
+    "accept it), clip with model.clip_grad_norm_(max_norm), count with model.num_parameters(), and read the "
+    "weights with model.state_dict()"
+)
+DEVICE = (
+    "an offloaded model's inputs and outputs stay on this machine's CPU (model.device), and each worker runs its "
+    "stages on its own device: leave the model and its inputs on the CPU"
+)
+
+
+def _refuse_autocast() -> None:
+    """torch.autocast changes how ops run in this process; the workers' programs never see it."""
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            raise OffloadError(
+                f"torch.autocast({device!r}) does not reach the workers, which run the model in its own dtype: "
+                "cast the model instead (model.to(torch.bfloat16), before or after offload()) and call it "
+                "outside autocast"
+            )
+
+
+def _float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating weight (HF's ``dtype``); the default dtype if it has none."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
 
 
 def _example(args: list[torch.Tensor], kwargs: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:

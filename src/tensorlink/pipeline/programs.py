@@ -1,22 +1,20 @@
 """Capturing the owner's model as Stage IR programs: training, evaluation and generation.
 
 A program is captured here, on the owner, once per use: ``train`` (training mode, with the autograd the
-stages need), ``eval`` (evaluation mode) and ``generate`` (an HF causal LM with a static KV cache). The
+stages need) and ``eval`` (evaluation mode); ``generate`` (an HF causal LM with a static KV cache) is captured
+by tensorlink.pipeline.generation. The
 workers load each under its key and share the weights by name, so every program sees the trained ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.export import Dim
 
 from tensorlink.ir import StageProgram, capture
 from tensorlink.ir.split import Split
-
-GENERATION_PREFIX = "model."  # where transformers' static-cache wrapper keeps the model
 
 
 @dataclass(frozen=True)
@@ -66,31 +64,3 @@ def capture_program(
         if use_cache:
             config.use_cache = use_cache
     return Program(whole, getattr(whole, "out_spec", None))
-
-
-def capture_generation(module: torch.nn.Module, batch: int, example_ids: torch.Tensor, max_seq_len: int) -> Program:
-    """The generation program of an HF causal LM: ``(input_ids, cache_position) -> logits`` with a
-    static KV cache as buffers, which the split leaves on the stage of each layer. Its weights are
-    the model's under a ``model.`` prefix; the workers share them by name."""
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
-    generation = getattr(module, "generation_config", None)
-    config = getattr(module, "config", None)
-    if generation is None or config is None:
-        raise ValueError("generate() works on Hugging Face causal LMs (a model with a generation_config)")
-    saved = (config.use_cache, generation.use_cache, generation.cache_implementation)
-    config.use_cache, generation.use_cache, generation.cache_implementation = True, True, "static"
-    try:
-        wrapper = TorchExportableModuleWithStaticCache(cast(Any, module), batch_size=batch, max_cache_len=max_seq_len)
-        seq = Dim("seq", min=1, max=max_seq_len)
-        ids = example_ids.contiguous()
-        whole = capture(
-            wrapper,
-            (),
-            example_kwargs={"input_ids": ids, "cache_position": torch.arange(ids.shape[1])},
-            dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
-            train=False,
-        )
-    finally:
-        config.use_cache, generation.use_cache, generation.cache_implementation = saved
-    return Program(whole, None, GENERATION_PREFIX)

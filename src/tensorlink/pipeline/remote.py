@@ -101,6 +101,15 @@ class Remote:
             self.call(lambda p: p.make_optimizer(name, hyper))
         return self.pipeline
 
+    def restart(self) -> None:
+        """Close the open pipeline, whose workers' weights are no longer the model's; the next call opens one again
+        (the optimizer is made there again, its state new)."""
+        if self.failed is not None:
+            self.require()
+        if self.pipeline is not None:
+            self._close(self.pipeline)
+            self.pipeline = None
+
     def load(self, key: ProgramKey, program: Program) -> None:
         self.call(lambda p: p.load(key, program))
 
