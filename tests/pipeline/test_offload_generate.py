@@ -15,7 +15,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 import tensorlink
+from tensorlink.pipeline.driver import Pipeline
 from tensorlink.pipeline.generation import GenerationError
+from tensorlink.wire.stage import ProgramKey
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 VOCAB, EOS, PAD = 48, 2, 0
@@ -84,12 +86,21 @@ def test_left_padded_batch_with_attention_mask(offloaded: tuple[Any, PreTrainedM
     assert got[0, 3:].tolist() == alone[0].tolist(), "padding changed what the short prompt generates"
 
 
-def test_beam_search(offloaded: tuple[Any, PreTrainedModel]) -> None:
+def test_beam_search(offloaded: tuple[Any, PreTrainedModel], monkeypatch: pytest.MonkeyPatch) -> None:
     """Beams reorder every stage's KV cache on the workers (ReorderCache); two sequences come back per prompt."""
     model, ref = offloaded
+    reorders: list[list[int]] = []
+    reorder = Pipeline.reorder_cache
+
+    async def counted(self: Pipeline, key: ProgramKey, index: list[int]) -> None:
+        reorders.append(index)
+        await reorder(self, key, index)
+
+    monkeypatch.setattr(Pipeline, "reorder_cache", counted)
     got, want = both(model, ref, prompts(2, 5, seed=4), max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert got.tolist() == want.tolist()
     assert got.shape == (4, 13)
+    assert reorders and all(len(index) == 6 for index in reorders), "the beams never moved on the workers"
 
 
 def test_an_unsupported_argument_is_refused_by_name(offloaded: tuple[Any, PreTrainedModel]) -> None:

@@ -2,13 +2,15 @@
 
 It is a real ``torch.optim.Optimizer`` (LR schedulers accept nothing else) with one parameter group
 holding the hyper-parameters; its only parameter is a placeholder, since the weights live on the
-workers. Each ``step()`` sends the group's current values, so a scheduler's changes take effect.
+workers. The group starts with the optimizer's own defaults, as a local one's does, and each ``step()`` sends
+the group's current values, so a scheduler's changes (lr, betas, momentum) take effect.
 Only torch's own optimizers may be named (no user code reaches a worker). It works on the model's
 pipeline (``Remote``): made on the workers when a training job opens, or at once if one is open.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"hyper-parameter {key}={value!r}: numbers, booleans or tuples of numbers only")
         self.name = name
         self.remote = remote
-        super().__init__([torch.zeros(0, requires_grad=True)], dict(hyper))
+        super().__init__([torch.zeros(0, requires_grad=True)], _defaults(OPTIMIZERS[name]) | hyper)
         remote.optimizer = (name, self.hyper())
         if remote.trains:
             current = self.hyper()
@@ -63,6 +65,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The hyper-parameters here and every worker's optimizer state, by parameter name."""
         state = self.remote.call(lambda p: p.optimizer_state()) if self.remote.trains else {}
         return {"name": self.name, "param_groups": [self.hyper()], "state": state}
+
+
+def _defaults(cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The optimizer's own defaults for the hyper-parameters workers take: schedulers read them from the group
+    as from a local optimizer's (OneCycleLR cycles AdamW's betas, which the user seldom gives)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name in HYPER_KEYS and _plain(p.default)}
 
 
 def _plain(value: Any) -> bool:
