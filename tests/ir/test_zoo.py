@@ -21,7 +21,7 @@ import zoo  # noqa: E402  (benchmarks/, put on the path above)
 
 CASES = [
     ("causal", "mixtral"),  # MoE: topk routing, repeat_interleave in batched experts, GQA
-    ("causal", "qwen2"),  # grouped-query attention
+    ("causal", "doge"),  # softplus
     ("masked", "bert"),
     ("seqcls", "llama"),
     ("seq2seq", "t5"),

@@ -70,7 +70,8 @@ _STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
 # makes the real output differ in size from the dry run's, or the CUDA kernel write past its output).
 _MUST_BE_NULL = frozenset({("aten.repeat_interleave.self_int", "output_size")})
 
-_PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative, so sizes never shrink as inputs grow
+_PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative
+_BY_LITERAL = frozenset({"operator.floordiv", "operator.mod"})  # ops whose second argument must be a literal >= 1
 
 
 class Checked(NamedTuple):
@@ -410,7 +411,8 @@ def _expect_ref(call: _Call, name: str, arg: s.Arg, kinds: tuple[Kind, ...], exp
 
 
 def _check_py(call: _Call) -> Checked:
-    """operator.getitem on an op's outputs, and add/mul/floordiv of sizes (see PY_OPS)."""
+    """operator.getitem on an op's outputs, and arithmetic on sizes (see PY_OPS): a divisor or modulus is a literal
+    of 1 or more."""
     node = call.node
     if node.kwargs or len(node.args) != 2:
         raise IRError(f"node {node.name}: {node.target} takes exactly two positional arguments")
@@ -423,11 +425,11 @@ def _check_py(call: _Call) -> Checked:
         return Checked(TENSOR if call.kinds[a.node] == TENSORS else ANY, 1, False)  # type: ignore[union-attr]
     for arg_name, arg in (("a", a), ("b", b)):
         if isinstance(arg, s.Ref):
-            if node.target == "operator.floordiv" and arg_name == "b":
+            if node.target in _BY_LITERAL and arg_name == "b":
                 raise call.fail("b", "an integer literal (a size may only be divided by a constant)", arg)
             _expect_ref(call, arg_name, arg, (INT, ANY), "a reference to a size")
         elif _is_int_lit(arg):
-            low = 1 if node.target == "operator.floordiv" and arg_name == "b" else _PY_LITERAL[0]
+            low = 1 if node.target in _BY_LITERAL and arg_name == "b" else _PY_LITERAL[0]
             _int_in(call, arg_name, arg, (low, _PY_LITERAL[1]))
         else:
             raise call.fail(arg_name, "an integer literal or a reference to a size", arg)

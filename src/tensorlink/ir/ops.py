@@ -117,16 +117,19 @@ ATEN_OPS: frozenset[str] = frozenset(
 # - random numbers beyond dropout (rand, randn, bernoulli, multinomial, normal): RNG state is not part of the IR.
 # - files, storage and global state (from_file, set_, resize_, _foreach, the *_out overloads, copy to other devices).
 
-# Python-level functions export emits for symbolic sizes and tuple outputs. Only operations under which a
-# size can never shrink as an input dim grows (add, mul, floordiv by a literal, min, max), so that the dry
-# run at the declared maximum shapes bounds every smaller shape too: (K - batch) or (K // batch) are refused, and so are
-# negative literals (tensorlink.ir.argcheck checks their arguments).
+# Python-level functions export emits for symbolic sizes and tuple outputs: getitem, and integer arithmetic on sizes
+# (add, sub, mul, floordiv and mod by a literal, min, max; literals non-negative: tensorlink.ir.argcheck). A size
+# may shrink as an input dim grows (K - seq, as the chunked scans of Mamba and gated delta nets compute), so the dry
+# run at the declared maximum shapes does not bound smaller shapes by itself: tensorlink.ir.memory.ShapeGuard counts
+# a forward at every new input shape before it runs (see test_size_that_shrinks_as_the_batch_grows_is_bounded).
 PY_OPS: dict[str, Callable[..., Any]] = {
     "operator.getitem": operator.getitem,
     "operator.add": operator.add,
     "operator.mul": operator.mul,
+    "operator.sub": operator.sub,
     "operator.floordiv": operator.floordiv,
-    "torch.sym_min": torch.sym_min,  # min and max never shrink as either argument grows
+    "operator.mod": operator.mod,
+    "torch.sym_min": torch.sym_min,
     "torch.sym_max": torch.sym_max,
 }
 
