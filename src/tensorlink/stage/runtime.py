@@ -163,6 +163,9 @@ class StageRuntime:
         self.steps_run = 0
         self.micro_batches_run = 0  # /status: the dashboard's micro-batches per second
         self._sends: trio.Nursery | None = None
+        # What the loaded programs hold, per program left out (see needed): walking every parameter and buffer
+        # takes long, and a stage asks on every frame and forward; only a load changes it.
+        self._held: dict[str | None, _Held] = {}
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class StageRuntime:
             _share_state(self.programs["train"].module, module, prefix)
         previous = self.programs.get(key)
         self.programs[key] = LoadedProgram(module, inputs, outputs)
+        self._held.clear()
         try:
             self._require(self.needed(), f"the {key} program (weights, gradients, optimizer state, activations)")
         except StageError:
@@ -205,6 +209,7 @@ class StageRuntime:
                 del self.programs[key]
             else:
                 self.programs[key] = previous
+            self._held.clear()
             raise
 
     # -- memory: everything the stage holds counts against its reservation ---------------------------------
@@ -214,18 +219,13 @@ class StageRuntime:
         once), gradients and ``copies`` (default: the optimizer's) optimizer copies of the training parameters,
         what is charged for kept micro-batches, and with ``reserve`` room for one forward at the declared maximum
         shapes (the largest program's memory bound; twice for training: each value's gradient is its size)."""
-        programs = {k: p.module for k, p in self.programs.items() if k != without}
-        storages: dict[int, int] = {}
-        for module in programs.values():
-            for t in [*module.parameters(), *module.buffers()]:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        params = list(programs["train"].parameters()) if "train" in programs else []
-        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        held = self._held.get(without)
+        if held is None:
+            held = self._held[without] = _walk({k: p.module for k, p in self.programs.items() if k != without})
         copies = self.optimizer_copies if copies is None else copies
-        optimizer = optimizer_bytes(param_bytes, len(params), copies)
-        activations = max((forward_bytes(m.memory_bound, train=k == "train") for k, m in programs.items()), default=0)
-        activations = activations if reserve else 0
-        return sum(storages.values()) + param_bytes + optimizer + activations + sum(self.stash_bytes.values())
+        optimizer = optimizer_bytes(held.param_bytes, held.params, copies)
+        activations = held.activations if reserve else 0
+        return held.storage_bytes + held.param_bytes + optimizer + activations + sum(self.stash_bytes.values())
 
     def _require(self, needed: int, what: str) -> None:
         """Grow the reservation to ``needed`` where the worker has room (all or nothing), else refuse with
@@ -518,6 +518,28 @@ class StageRuntime:
     def _send(self, role: str, lane: Lane, step: int, mb: int, idx: int, tensor: torch.Tensor) -> None:
         assert self._sends is not None
         self._sends.start_soon(self._link(role).send, lane, step, mb, idx, tensor.detach().cpu())
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a set of loaded programs holds: their weights' and buffers' storages (shared ones once), the training
+    parameters' count and bytes (gradients and optimizer state are sized by them), and the largest forward's
+    activations at the declared maximum shapes."""
+
+    storage_bytes: int
+    params: int
+    param_bytes: int
+    activations: int
+
+
+def _walk(programs: dict[str, StageModule]) -> _Held:
+    storages: dict[int, int] = {}
+    for module in programs.values():
+        for t in [*module.parameters(), *module.buffers()]:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    params = list(programs["train"].parameters()) if "train" in programs else []
+    activations = max((forward_bytes(m.memory_bound, train=k == "train") for k, m in programs.items()), default=0)
+    return _Held(sum(storages.values()), len(params), sum(p.numel() * p.element_size() for p in params), activations)
 
 
 def _hyper_values(hyper: dict[str, Any]) -> dict[str, Any]:
