@@ -7,7 +7,8 @@
         loss.backward(); opt.step(); opt.zero_grad()
 
 The pipeline is set up on the first forward (the capture needs real input shapes). The returned module
-holds no weights of its own: ``state_dict()`` fetches them from the workers into the original module.
+holds no weights of its own: ``state_dict()`` fetches them from the workers into the original module, and
+``generate()`` is Hugging Face's own, with only the model calls on the workers (pipeline/generation.py).
 """
 
 from __future__ import annotations
@@ -138,7 +139,12 @@ class OffloadedModel(torch.nn.Module):
     first use; with gradients in a training job, the train program in eval mode, so they flow as locally);
     ``generate()`` the ``generate`` program. The pipeline opens on the first call, for what it needs: a job
     that only evaluates or generates reserves no gradient or optimizer memory, and is opened again with
-    it on the first training forward (its weights are still the model's own)."""
+    it on the first training forward (its weights are still the model's own).
+
+    Where code expects the local module: plain attributes (HF's ``config``...) read through to it, ``device``
+    is this machine's CPU, ``num_parameters()`` and ``dtype`` are its own; ``load_state_dict`` and a cast to
+    another dtype change its weights and set the pipeline up again from them; what cannot reach the workers
+    (``parameters()`` for torch's optimizers, another device, ``torch.autocast``) is refused, never ignored."""
 
     local: torch.nn.Module  # the user's module, whose weights fetch() fills
 
