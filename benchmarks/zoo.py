@@ -9,8 +9,8 @@ FAMILIES), in a child process of its own (bounded by --timeout): build it from i
 weights, seeded; then
 
 - exportable: does plain ``torch.export.export`` (static shapes, strict=False) export it;
-- captured train / eval: does ``tensorlink.ir.capture`` capture it in train and in eval mode (batch and sequence
-  dynamic, as a pipeline captures);
+- captured train / eval: does ``tensorlink.ir.capture`` capture it in train and in eval mode (batch 1..MAX_BATCH
+  and sequence 2..MAX_SEQ dynamic, as a pipeline captures);
 - equal: loaded in a fresh process that gets only the program bytes and the inputs (tests/ir/loaded_runner.py, which
   blocks transformers from importing), do both programs match eager: the train program's outputs and parameter
   gradients, the eval program's outputs, within ``RTOL``/``ATOL`` (float32).
@@ -45,7 +45,7 @@ FAMILIES = {
     "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
 RTOL, ATOL = 1e-4, 1e-5  # float32: the interpreter runs the same aten kernels, reordering only what export reorders
-BATCH, SEQ, MAX_SEQ, VOCAB = 2, 8, 32, 128
+BATCH, SEQ, MAX_SEQ, MAX_BATCH, VOCAB = 2, 8, 32, 8, 128  # captured for batches 1..8 of 2..32 tokens
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EXPERTS, ROUTED = 64, 4, 2, 16, 2, 4, 2
 
 # transformers' MoE experts as batched matmuls: its default (grouped_mm) calls transformers' own custom operator
@@ -175,7 +175,8 @@ def run_case(model_type: str, family: str, tmp: Path) -> dict[str, Any]:
     programs = {}
     for mode in ("train", "eval"):
         try:
-            programs[mode] = capture(model, inputs, max_seq_len=MAX_SEQ, train=mode == "train").to_bytes()
+            program = capture(model, inputs, max_seq_len=MAX_SEQ, max_batch=MAX_BATCH, train=mode == "train")
+            programs[mode] = program.to_bytes()
             row[f"captured_{mode}"] = True
         except Exception as exc:
             row["reason"] = row["reason"] or f"capture {mode}: " + _reason(exc)

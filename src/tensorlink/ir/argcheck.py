@@ -259,6 +259,7 @@ def _one_hot(self: Any, num_classes: Any = -1) -> list[tuple[Any, int, int]]:
 _INDEX_BOUNDS: dict[str, IndexBounds] = {
     **dict.fromkeys(
         ("aten.gather.default", "aten.scatter.src", "aten.scatter.value", "aten.scatter_add.default",
+         "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_add_.default",
          "aten.scatter_reduce.two", "aten.index_add.default", "aten.index_copy.default", "aten.index_copy_.default"),
         _along_dim,
     ),

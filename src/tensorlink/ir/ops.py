@@ -102,11 +102,12 @@ ATEN_OPS: frozenset[str] = frozenset(
         # indexing, with bounds checks (argcheck.bounded)
         "aten.index_select.default", "aten.scatter.src", "aten.scatter.value", "aten.scatter_add.default",
         "aten.scatter_reduce.two", "aten.index_add.default", "aten.index_put.default", "aten.index_put_.default",
-        "aten.take_along_dim.default", "aten.one_hot.default",
+        "aten.take_along_dim.default", "aten.one_hot.default", "aten.scatter_.src", "aten.scatter_.value",
+        "aten.scatter_add_.default",
         # shape and views
         "aten.unflatten.int", "aten.narrow.default", "aten.movedim.int", "aten.diagonal.default", "aten.roll.default",
         "aten.flip.default", "aten.squeeze.default", "aten.detach_.default", "aten.tensor_split.sections",
-        "aten.tensor_split.indices",
+        "aten.tensor_split.indices", "aten.numpy_T.default",
         "aten.repeat_interleave.self_int",
     }
 )  # fmt: skip
