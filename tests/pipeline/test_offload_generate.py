@@ -1,7 +1,7 @@
 """``OffloadedModel.generate`` is Hugging Face's own generate with the model calls run by worker processes
 (LocalSwarm): greedy, sampling under torch.manual_seed, a left-padded batch with its attention mask and beam
-search equal HF's local generate token for token; an unsupported argument is refused by name before anything
-is sent, and the next call still works.
+search equal HF's local generate token for token; a streamer gets each token as it comes; an unsupported
+argument is refused by name before anything is sent, and the next call still works.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import offload_cases as C
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 
 import tensorlink
 from tensorlink.pipeline.driver import Pipeline
@@ -61,6 +62,30 @@ def test_greedy(offloaded: tuple[Any, PreTrainedModel]) -> None:
     got, want = both(model, ref, prompts(2, 5), max_new_tokens=10, do_sample=False)
     assert got.tolist() == want.tolist()
     assert got.shape == (2, 15)
+
+
+class Collect(BaseStreamer):
+    """A streamer that keeps what generate() hands it: the prompt first, then each new token as it comes."""
+
+    def __init__(self) -> None:
+        self.values: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.values.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_a_streamer_gets_each_token_as_it_comes(offloaded: tuple[Any, PreTrainedModel]) -> None:
+    model, _ = offloaded
+    prompt = prompts(1, 5, seed=5)
+    streamer = Collect()
+    got = model.generate(prompt, pad_token_id=PAD, max_new_tokens=6, do_sample=False, streamer=streamer)
+    assert streamer.ended and streamer.values[0] == prompt[0].tolist()
+    assert [v for values in streamer.values[1:] for v in values] == got[0, 5:].tolist()
+    assert len(streamer.values) == 1 + got.shape[1] - 5  # one put per new token
 
 
 def test_sampling_follows_the_seed(offloaded: tuple[Any, PreTrainedModel]) -> None:
