@@ -1334,3 +1334,21 @@ def test_uninitialised_creation_hands_back_zeros_not_the_allocators_leftovers(cr
     out = module(torch.randn(2, 8))
     assert out.shape == ((2, 8) if op == "aten.empty_like.default" else (2, 4096))
     assert not out.any()
+
+
+@pytest.mark.parametrize(
+    ("equation", "path", "match"),
+    [("ij,jk->ik; import os", None, r"'equation' must be a string matching"), ("bi,bi->b", [0, 1], r"'path'.*null")],
+)
+def test_einsum_takes_an_equation_of_its_grammar_and_no_contraction_path(
+    creator: bytes, equation: str, path: list[int] | None, match: str
+) -> None:
+    call = node("n", "aten.einsum.default", lit(equation), _list(refs("x"), refs("x")))
+    if path is not None:
+        call["kwargs"]["path"] = _list(*map(lit, path))
+    assert_refused(_prepend(creator, [call]), match)
+
+
+def test_einsum_with_a_valid_equation_runs(creator: bytes) -> None:
+    module = load(_prepend(creator, [node("n", "aten.einsum.default", lit("bi,bi->b"), _list(refs("x"), refs("x")))]))
+    module(torch.randn(3, 8))

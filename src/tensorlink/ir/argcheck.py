@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -66,9 +67,15 @@ _STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("aten.div.Tensor_mode", "rounding_mode"): frozenset({"trunc", "floor"}),
     ("aten.scatter_reduce.two", "reduce"): frozenset({"sum", "prod", "mean", "amax", "amin"}),
 }
-# Arguments that must be absent or null: repeat_interleave's output_size is trusted by the kernel (a wrong one
-# makes the real output differ in size from the dry run's, or the CUDA kernel write past its output).
-_MUST_BE_NULL = frozenset({("aten.repeat_interleave.self_int", "output_size")})
+# String arguments of a grammar rather than a list: einsum's equation (subscript letters, commas, an arrow, ellipses;
+# ATen parses it and refuses what does not fit the operands).
+_STR_PATTERNS: dict[tuple[str, str], re.Pattern[str]] = {
+    ("aten.einsum.default", "equation"): re.compile(r"[A-Za-z,. ]{1,128}(->[A-Za-z. ]{0,64})?"),
+}
+# Arguments that must be absent or null: einsum's path is a contraction order ATen trusts; repeat_interleave's
+# output_size is trusted by the kernel (a wrong one makes the real output differ in size from the dry run's, or
+# the CUDA kernel write past its output).
+_MUST_BE_NULL = frozenset({("aten.repeat_interleave.self_int", "output_size"), ("aten.einsum.default", "path")})
 
 _PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative
 _BY_LITERAL = frozenset({"operator.floordiv", "operator.mod"})  # ops whose second argument must be a literal >= 1
@@ -337,6 +344,11 @@ def _check(call: _Call, name: str, t: Any, arg: s.Arg, n: int | None) -> int:
             raise call.fail(name, "false or null (page-locked memory is outside the stage's reservation)", arg)
         return 0
     if kind == "StringType":
+        pattern = _STR_PATTERNS.get((call.node.target, name))
+        if pattern is not None:
+            if not (isinstance(arg, s.Lit) and isinstance(arg.value, str) and pattern.fullmatch(arg.value)):
+                raise call.fail(name, f"a string matching {pattern.pattern}", arg)
+            return 0
         choices = _STR_CHOICES.get((call.node.target, name), frozenset())
         if not (isinstance(arg, s.Lit) and isinstance(arg.value, str) and arg.value in choices):
             raise call.fail(name, f"one of {sorted(choices)}", arg)
