@@ -82,8 +82,8 @@ def test_hf_attributes_and_parameter_utilities(swarm: tensorlink.LocalSwarm) -> 
 
 def test_dtype_and_device_changes(swarm: tensorlink.LocalSwarm) -> None:
     """Changes that are already so are no-ops (the job stays); .bfloat16() after the first call sets the
-    pipeline up again in bfloat16, and .half() before it offloads float16 weights; .cuda(), .to("cuda") and
-    torch.autocast are refused saying what to do instead."""
+    pipeline up again in bfloat16 (.float() back again), and .half() before it offloads float16 weights;
+    .cuda(), .to("cuda") and torch.autocast are refused saying what to do instead."""
     torch.manual_seed(0)
     module, ref = gpt2(), gpt2()
     model = tensorlink.offload(module, network=swarm, workers=2)
@@ -112,6 +112,11 @@ def test_dtype_and_device_changes(swarm: tensorlink.LocalSwarm) -> None:
         assert got.dtype == torch.bfloat16, "the workers still run float32"
         assert model.pipeline.job_id != job
         torch.testing.assert_close(got.float(), logits(ref, ids()).float(), atol=BF16_ATOL, rtol=0)
+        model.float()  # back to float32 (the bfloat16 values, exactly)
+        ref.float()
+        got = logits(model, ids())
+        assert got.dtype == torch.float32 and model.dtype == torch.float32
+        torch.testing.assert_close(got, logits(ref, ids()), atol=ATOL, rtol=0)
     finally:
         model.close()
     half = tensorlink.offload(gpt2(), network=swarm, workers=2).half()
