@@ -107,7 +107,7 @@ ATEN_OPS: frozenset[str] = frozenset(
         # shape and views
         "aten.unflatten.int", "aten.narrow.default", "aten.movedim.int", "aten.diagonal.default", "aten.roll.default",
         "aten.flip.default", "aten.squeeze.default", "aten.detach_.default", "aten.tensor_split.sections",
-        "aten.tensor_split.indices", "aten.numpy_T.default",
+        "aten.tensor_split.indices", "aten.numpy_T.default", "aten.view_as.default",
         # linear algebra: einsum's equation is checked against a grammar (argcheck._STR_PATTERNS)
         "aten.einsum.default",
         "aten.repeat_interleave.self_int",
