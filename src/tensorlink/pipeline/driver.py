@@ -264,8 +264,7 @@ class Pipeline:
         with self._step_deadline(spec.key, spec.key, step, inputs, 3.0 if fused else 1.0):
             async with trio.open_nursery() as n:
                 n.start_soon(feed)
-                n.start_soon(collect)
-                await job.broadcast(lambda ref: cmd)
+                await job.step(cmd, collect, wait=spec.backward is not Backward.NONE)  # a training step: its Done too
             result = StepResult(step, spec, {i: join(parts) for i, parts in outputs.items()})
             if fused:
                 result.input_grads = await self._input_grads(sp, step, n_micro, spec.grad_to_user, inputs)

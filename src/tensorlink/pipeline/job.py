@@ -4,15 +4,20 @@ It opens the data plane (a channel to every worker; workers open theirs to the n
 control stream of every remote stage, and, in private mode, runs the first and the last stage in this
 process with the same Session code the workers run. Every command goes to the stages concurrently;
 a Failed reply or a broken link raises PipelineError naming the stage and the worker.
+
+A step's command goes to a worker on its data-plane channel (Lane.CONTROL, ``Job.step``) and the step ends when
+its outputs are here: no libp2p message is on a decode step's path. The stage's Done is read later (a task per
+stream files the replies in order), at the latest before the next command to that stage, so one command at a time
+per stage holds, and a step's failure surfaces during that step or the next.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +27,7 @@ from tensorlink.p2p.streams import StreamError, close_stream
 from tensorlink.pipeline.client import Client
 from tensorlink.stage.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
 from tensorlink.stage.runtime import FixedReservation
-from tensorlink.stage.session import Session, describe, recv_stage, send_stage
+from tensorlink.stage.session import Session, describe, recv_stage, send_stage, step_frame
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
@@ -45,6 +50,7 @@ SLOW_FLOPS = 1e9
 FIRST_COMMAND_S = 60.0
 LOAD_S = 180.0
 SLOW_BYTES_PER_S = 2e6
+REPLIES = 8  # replies a stage stream's reader holds unread (the owner has at most two commands unanswered)
 
 
 class PipelineError(RuntimeError):
@@ -125,6 +131,10 @@ class StageRef:
     local: Session | None = None
     blobs_out: int = 0  # owner -> stage BLOB transfers
     blobs_in: int = 0  # stage -> owner
+    steps_out: int = 0  # RunStep frames sent on Lane.CONTROL (Session.steps_in on the worker)
+    replies: trio.MemoryReceiveChannel[StageMessage | Exception] | None = None  # the stream's, in order
+    # Commands sent whose reply is not read yet, oldest first: (kind, which one, e.g. " of step 3").
+    unread: collections.deque[tuple[str, str]] = field(default_factory=collections.deque)
 
     @property
     def where(self) -> str:
@@ -147,6 +157,7 @@ class Job:
         self.stages: list[StageRef] = []
         self.clock = StepClock()
         self._cut: list[tuple[int, str]] = []  # what the owner was waiting for when a deadline cut it
+        self._deadline: trio.CancelScope | None = None  # the step's (Job.deadline)
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -205,6 +216,9 @@ class Job:
             raise PipelineError(f"{ref.where}: could not open the stage: {exc}") from None
         if isinstance(reply, Failed):
             raise PipelineError(f"{ref.where} refused the job: {reply.message} ({reply.code})")
+        send, ref.replies = trio.open_memory_channel[StageMessage | Exception](REPLIES)
+        assert self.client.nursery is not None
+        self.client.nursery.start_soon(_read_replies, ref.stream, send)
 
     async def close(self) -> None:
         async with trio.open_nursery() as n:
@@ -215,11 +229,15 @@ class Job:
     async def _close_stage(self, ref: StageRef) -> None:
         with trio.move_on_after(10):
             try:
+                await self._settle(ref)
                 await send_stage(ref.stream, Close())
-                await recv_stage(ref.stream)
+                if ref.replies is not None:
+                    await ref.replies.receive()
             except Exception:
                 pass
         await close_stream(ref.stream)
+        if ref.replies is not None:
+            await ref.replies.aclose()
         if isinstance(ref.link, ChannelLink):
             await ref.link.channel.aclose()
 
@@ -233,7 +251,11 @@ class Job:
         self._cut.clear()
         with first_error():
             with trio.move_on_after(seconds) as scope:
-                yield
+                self._deadline = scope
+                try:
+                    yield
+                finally:
+                    self._deadline = None
         if scope.cancelled_caught:
             raise self._stalled(step, seconds)
 
@@ -243,7 +265,8 @@ class Job:
         try:
             yield
         except trio.Cancelled:
-            self._cut.append((ref.index, what))
+            if self._deadline is None or self._deadline.cancel_called:  # not a wait the owner ended itself
+                self._cut.append((ref.index, what))
             raise
 
     def _stalled(self, step: int, seconds: float) -> PipelineError:
@@ -288,26 +311,76 @@ class Job:
             return await self._command(ref, msg)
 
     async def _command(self, ref: StageRef, msg: StageMessage) -> Done:
+        kind = type(msg).__name__
         try:
-            with self.awaiting(ref, f"did not finish {type(msg).__name__}"):
+            with self.awaiting(ref, f"did not finish {kind}"):
                 if ref.local is not None:
                     reply = await ref.local.handle(msg)
                 else:
+                    await self._settle(ref)
                     await send_stage(ref.stream, msg)
-                    reply = await recv_stage(ref.stream)
+                    ref.unread.append((kind, ""))
+                    return await self._reply(ref)
         except (StreamError, WireError, LinkClosed) as exc:
-            raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {exc}") from None
+            raise PipelineError(f"{ref.where}: {kind} failed: {exc}") from None
         except Exception as exc:
             if ref.local is None:
                 raise
-            raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {describe(exc)}") from exc
-        if isinstance(reply, Failed):
-            refused = ref.link.mailbox.error if ref.peer is not None else None
-            if refused is not None:  # the stage failed because this side closed its link: say why
-                raise PipelineError(f"{ref.where}: {refused}")
-            raise PipelineError(f"{ref.where}: {type(msg).__name__} failed: {reply.message} ({reply.code})")
-        assert isinstance(reply, Done)
-        return reply
+            raise PipelineError(f"{ref.where}: {kind} failed: {describe(exc)}") from exc
+        return _checked(ref, kind, reply)
+
+    async def _reply(self, ref: StageRef) -> Done:
+        """The stage's reply to the oldest command not answered yet; PipelineError for a Failed one."""
+        assert ref.replies is not None
+        kind, which = ref.unread[0]
+        try:
+            reply = await ref.replies.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise PipelineError(f"{ref.where}: the stage stream is closed; {kind}{which} has no answer") from None
+        ref.unread.popleft()
+        if isinstance(reply, Exception):
+            raise PipelineError(f"{ref.where}: {kind}{which} failed: {reply}")
+        return _checked(ref, kind + which, reply)
+
+    async def _settle(self, ref: StageRef, most: int = 0) -> None:
+        """Read the replies of steps sent ahead until at most ``most`` are unread (PipelineError on a Failed one)."""
+        while len(ref.unread) > most:
+            with self.awaiting(ref, f"did not finish {ref.unread[0][0]}"):
+                await self._reply(ref)
+
+    async def step(self, cmd: RunStep, outputs: Callable[[], Awaitable[None]], *, wait: bool) -> None:
+        """Run ``cmd`` on every stage while ``outputs()`` takes what the step sends here. A worker gets it on its
+        channel (one earlier step's Done may still be unread); unless ``wait``, the step ends with its outputs and
+        the workers' Done replies are read later (a Failed one that comes first ends the step at once)."""
+        remote = [ref for ref in self.stages if ref.local is None]
+        with first_error():
+            async with trio.open_nursery() as n:
+                for ref in self.stages:
+                    if ref.local is not None:
+                        n.start_soon(self.command, ref, cmd)
+                async with trio.open_nursery() as posts:
+                    for ref in remote:
+                        posts.start_soon(self._post, ref, cmd)
+                watch = trio.CancelScope()
+                n.start_soon(self._watch, watch, remote)
+                await outputs()
+                if not wait:
+                    watch.cancel()
+
+    async def _post(self, ref: StageRef, cmd: RunStep) -> None:
+        await self._settle(ref, 1)
+        try:
+            await ref.link.send(Lane.CONTROL, ref.steps_out, 0, ref.index, step_frame(cmd))
+        except LinkClosed as exc:  # where this side closed it (a refused frame), why
+            raise PipelineError(f"{ref.where}: {ref.link.mailbox.error or f'RunStep failed: {exc}'}") from None
+        ref.steps_out += 1
+        ref.unread.append(("RunStep", f" of step {cmd.step}"))
+
+    async def _watch(self, scope: trio.CancelScope, refs: list[StageRef]) -> None:
+        with scope:
+            async with trio.open_nursery() as n:
+                for ref in refs:
+                    n.start_soon(self._settle, ref)
 
     async def broadcast(self, make: Any, stages: list[StageRef] | None = None) -> list[Done]:
         """``make(ref)`` -> the command for that stage (None: skip it); sent to all stages at once."""
@@ -357,3 +430,31 @@ class Job:
         finally:
             ref.link.mailbox.retire(Lane.BLOB, seq)
         return reply, got
+
+
+def _checked(ref: StageRef, kind: str, reply: StageMessage) -> Done:
+    if isinstance(reply, Failed):
+        refused = ref.link.mailbox.error if ref.peer is not None else None
+        if refused is not None:  # the stage failed because this side closed its link: say why
+            raise PipelineError(f"{ref.where}: {refused}")
+        raise PipelineError(f"{ref.where}: {kind} failed: {reply.message} ({reply.code})")
+    if not isinstance(reply, Done):
+        raise PipelineError(f"{ref.where} answered {kind} with {type(reply).__name__}, not Done or Failed")
+    return reply
+
+
+async def _read_replies(stream: Any, send: trio.MemorySendChannel[StageMessage | Exception]) -> None:
+    """File a stage stream's replies in order (the owner reads each when it needs it); its end as the last one."""
+    async with send:
+        while True:
+            try:
+                reply: StageMessage | Exception = await recv_stage(stream)
+            except Exception as exc:  # the stream ended or sent what is no stage message
+                known = isinstance(exc, (StreamError, WireError))
+                reply = exc if known else StreamError(f"{type(exc).__name__}: {exc}")
+            try:
+                await send.send(reply)
+            except trio.BrokenResourceError:
+                return  # the job closed
+            if isinstance(reply, Exception):
+                return

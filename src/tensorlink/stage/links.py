@@ -37,6 +37,7 @@ class Lane(enum.IntEnum):
     USER_OUT = 4  # model outputs, to the owner
     OUT_GRAD = 5  # gradients of the model outputs, from the owner to the last stage
     BLOB = 6  # programs, weights and gradients fetched or set by the owner
+    CONTROL = 7  # a step's command (RunStep, encoded) from the owner: no libp2p round trip before a stage starts
 
 
 class LinkClosed(Exception):
@@ -210,7 +211,7 @@ class ChannelLink:
             while True:
                 tensor, route = await self.channel.recv()
                 key = key_of(route.step, route.micro_batch, route.stage)
-                if self.audit is not None:
+                if self.audit is not None and key[0] != Lane.CONTROL:  # commands, not data (as on the stage stream)
                     self.audit.record(key[0], tensor)
                 # Out of the channel's pool at once: a stage may keep activations for many micro-batches.
                 self.mailbox.put(key, tensor, copy=True)

@@ -3,18 +3,22 @@
 A worker's StageHost (worker/stage_host.py) runs a Session per assigned stage and serves ``STAGE_PROTOCOL``; the
 owner speaks that protocol to its workers (pipeline/job.py) and, in private mode, runs its own first and last
 stage with the same Session. The owner drives a stage with commands (wire/stage.py), one at a time, each
-answered by Done or Failed.
+answered by Done or Failed on the stream. A step's command (RunStep) comes as a frame on the owner's data-plane
+channel instead (Lane.CONTROL, numbered in order per stage): a decode step then waits on no libp2p message, and
+its Done is read by the owner later.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import trio
 
 from tensorlink.p2p.streams import Stream, read_record, write_record
 from tensorlink.stage.links import ChannelLink, Lane, Link
 from tensorlink.stage.runtime import Reservation, StageError, StageRuntime
+from tensorlink.wire.errors import WireError
 from tensorlink.wire.stage import (
     MAX_STAGE_MESSAGE,
     CommitGrads,
@@ -44,6 +48,28 @@ async def recv_stage(stream: Stream) -> StageMessage:
     return decode_stage(await read_record(stream, MAX_STAGE_MESSAGE))
 
 
+def step_frame(msg: RunStep) -> torch.Tensor:
+    """A step's command as the uint8 tensor that carries it on Lane.CONTROL."""
+    return torch.frombuffer(bytearray(encode_stage(msg)), dtype=torch.uint8)
+
+
+def step_of_frame(frame: torch.Tensor) -> RunStep:
+    """The RunStep a Lane.CONTROL frame carries; StageError for anything else (wrong dtype or size, bad bytes,
+    another command)."""
+    if frame.dtype != torch.uint8 or frame.dim() != 1 or frame.numel() > RunStep.max_bytes:
+        raise StageError(
+            "bad_command", f"a control frame must be at most {RunStep.max_bytes} uint8 bytes; got {frame.dtype} "
+            f"{list(frame.shape)}"
+        )  # fmt: skip
+    try:
+        msg = decode_stage(frame.numpy().tobytes())
+    except WireError as exc:
+        raise StageError("bad_command", f"a control frame that is no stage command: {exc}") from None
+    if not isinstance(msg, RunStep):
+        raise StageError("bad_command", f"only RunStep comes on the data plane; not {type(msg).__name__}")
+    return msg
+
+
 def describe(exc: BaseException) -> str:
     """What went wrong, without trio's nesting: the innermost errors of an exception group."""
     inner = getattr(exc, "exceptions", None)
@@ -68,6 +94,14 @@ class Session:
         )
         self.blobs_in = 0  # owner -> worker transfers on the BLOB lane, counted alike on both sides
         self.blobs_out = 0
+        self.steps_in = 0  # RunStep frames taken from the owner's Lane.CONTROL, counted alike on both sides
+
+    async def next_step(self) -> RunStep:
+        """The owner's next step command from its own channel (no neighbour's frame is read as one): StageError
+        for a frame that is none; LinkClosed when that channel is gone."""
+        frame = await self.links["user"].recv(Lane.CONTROL, self.steps_in, 0, self.assign.stage)
+        self.steps_in += 1
+        return step_of_frame(frame)
 
     def attach(self, peer: str, link: ChannelLink) -> None:
         a = self.assign
