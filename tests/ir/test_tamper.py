@@ -1285,8 +1285,9 @@ REFUSED_AT_LOAD: dict[str, tuple[list[dict], str]] = {
         [node("b", "aten.sym_size.int", refs("x"), lit(0)), node("m", "operator.mul", refs("b"), lit(2**20)),
          node("n", "aten.tensor_split.sections", refs("x"), refs("m"))], r"tensors; the cap is 1024"),
     "repeat_interleave huge": ([node("n", "aten.repeat_interleave.self_int", refs("x"), lit(2**40))], r"dry run|GiB"),
-    "repeat_interleave output_size": (
-        [node("n", "aten.repeat_interleave.self_int", refs("x"), lit(2), lit(0), output_size=lit(1))], r"null"),
+    "repeat_interleave wrong output_size": (
+        [node("n", "aten.repeat_interleave.self_int", refs("x"), lit(2), lit(1), output_size=lit(1))],
+        r"output_size 1 is not 8 x 2"),
     "narrow past the end": ([node("n", "aten.narrow.default", refs("x"), lit(1), lit(4), lit(100))], r"dry run"),
     # reductions: enums from the fixed table, dims in range, output sizes in the memory bound
     "linalg_vector_norm dtype 1000": (

@@ -72,10 +72,8 @@ _STR_CHOICES: dict[tuple[str, str], frozenset[str]] = {
 _STR_PATTERNS: dict[tuple[str, str], re.Pattern[str]] = {
     ("aten.einsum.default", "equation"): re.compile(r"[A-Za-z,. ]{1,128}(->[A-Za-z. ]{0,64})?"),
 }
-# Arguments that must be absent or null: einsum's path is a contraction order ATen trusts; repeat_interleave's
-# output_size is trusted by the kernel (a wrong one makes the real output differ in size from the dry run's, or
-# the CUDA kernel write past its output).
-_MUST_BE_NULL = frozenset({("aten.repeat_interleave.self_int", "output_size"), ("aten.einsum.default", "path")})
+# Arguments that must be absent or null: einsum's path is a contraction order ATen trusts.
+_MUST_BE_NULL = frozenset({("aten.einsum.default", "path")})
 
 _PY_LITERAL = (0, 2**40)  # literals of size arithmetic: non-negative
 _BY_LITERAL = frozenset({"operator.floordiv", "operator.mod"})  # ops whose second argument must be a literal >= 1
@@ -160,6 +158,14 @@ def bounded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return unchecked(*args, **kwargs)
 
         fn = in_bounds
+    if target == "aten.repeat_interleave.self_int":
+        unsized = fn
+
+        def sized(t: Any, repeats: Any, dim: Any = None, *, output_size: Any = None) -> Any:
+            _check_output_size(t, repeats, dim, output_size)
+            return unsized(t, repeats, dim, output_size=output_size)
+
+        fn = sized
     if target in _ADDS_DIMS:
         unranked = fn
 
@@ -171,6 +177,16 @@ def bounded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
         fn = ranked
     return fn
+
+
+def _check_output_size(t: Any, repeats: Any, dim: Any, output_size: Any) -> None:
+    """repeat_interleave's output_size is trusted by the kernel (a wrong one made the real output differ in size from
+    the dry run's, or the CUDA kernel write past its output): it must be what the shapes give."""
+    if output_size is None or not isinstance(t, torch.Tensor) or not isinstance(repeats, int):
+        return
+    size = t.numel() if dim is None else _dim_size(t, dim)
+    if size is not None and output_size != size * repeats:
+        raise ValueError(f"repeat_interleave output_size {output_size} is not {size} x {repeats}")
 
 
 def check_state_rank(name: str, tensor: torch.Tensor) -> None:
