@@ -90,8 +90,13 @@ def test_private_keeps_token_ids_and_labels_on_this_machine(swarm: tensorlink.Lo
         generated = model.generate(prompt, max_new_tokens=5)
         run.ref.eval()
         assert generated.tolist() == run.ref.generate(prompt, do_sample=False, max_new_tokens=5).tolist()
+        sampling: dict[str, Any] = dict(do_sample=True, top_k=20, max_new_tokens=5, pad_token_id=0)
+        torch.manual_seed(3)  # the stages in this process leave the user's random stream alone
+        sampled = model.generate(prompt, **sampling)
+        torch.manual_seed(3)
+        assert sampled.tolist() == run.ref.generate(prompt, **sampling).tolist()
         # every sequence generate() ran the model on (the prompt, then one token longer each time)
-        sequences = [generated[:, :n] for n in range(prompt.shape[1], generated.shape[1] + 1)]
+        sequences = [out[:, :n] for out in (generated, sampled) for n in range(prompt.shape[1], out.shape[1] + 1)]
 
         secrets = secret_digests([GPT2.batch(s) for s in range(steps)], sequences)
         cache = {tensor_digest(t): t for t in generation_inputs(prompt.shape, generated.shape[1], 64)}
