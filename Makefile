@@ -102,7 +102,8 @@ bench: install contracts $(HIVEMIND_VENV)/.stamp
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/gpu_overlap.py
 	$(PY) benchmarks/gas.py
-	$(PY) benchmarks/zoo.py
+	# Every architecture of the installed transformers, four families: about 3-5 hours on 2 CPU cores.
+	$(PY) benchmarks/zoo.py --family all --jobs 2
 	$(PY) benchmarks/inference.py
 
 clean:
