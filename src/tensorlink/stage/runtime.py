@@ -31,6 +31,11 @@ from tensorlink.wire.stage import InputSlot, OutputSlot, RunBackward, RunStep
 # one value tensor per layer, batch first); a beam search reorders their rows.
 KV_CACHE = re.compile(r"(?:^|\.)(?:key|value)_cache_\d+$")
 
+# An inference forward of a one-micro-batch step (nothing to overlap it with here) at input shapes already counted
+# that allocates at most this much (a decode step) runs on the event loop: handing it to a thread and back costs
+# more than it computes on a loaded machine (0.3-1 ms each way).
+INLINE_BYTES = 4 << 20
+
 # Optimizers a job may name, each with the parameter-sized state tensors ("slots") the owner declares for it, and
 # the hyper-parameters each may set: no user code reaches a worker.
 _ALLOWED: tuple[tuple[type[torch.optim.Optimizer], int], ...] = (
@@ -166,6 +171,7 @@ class StageRuntime:
         # What the loaded programs hold, per program left out (see needed): walking every parameter and buffer
         # takes long, and a stage asks on every frame and forward; only a load changes it.
         self._held: dict[str | None, _Held] = {}
+        self._inline: set[tuple[str, tuple[tuple[int, ...], ...]]] = set()  # (program, input shapes): see INLINE_BYTES
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -202,6 +208,7 @@ class StageRuntime:
         previous = self.programs.get(key)
         self.programs[key] = LoadedProgram(module, inputs, outputs)
         self._held.clear()
+        self._inline.clear()
         try:
             self._require(self.needed(), f"the {key} program (weights, gradients, optimizer state, activations)")
         except StageError:
@@ -434,7 +441,9 @@ class StageRuntime:
         module = program.module
 
         def compute() -> list[Any]:
-            self._charge(module, values, (cmd.step, mb), keep)  # in this thread: counting a new shape takes a while
+            charged = self._charge(module, values, (cmd.step, mb), keep)  # in a thread: a new shape's count is slow
+            if alone and charged <= INLINE_BYTES:
+                self._inline.add(small)
             # The stage's own seed, the process's random stream put back after: a stage in the owner's process
             # (private mode) must not move the user's (generate's sampling, the user's data order).
             devices = [self.device] if self.device.type != "cpu" else []
@@ -446,7 +455,9 @@ class StageRuntime:
                 self.running = 0
             return list(out) if isinstance(out, tuple) else [out]
 
-        outputs = await trio.to_thread.run_sync(compute)
+        alone = not keep and cmd.micro_batches == 1
+        small = (cmd.key, tuple(tuple(v.shape) for v in values))
+        outputs = compute() if alone and small in self._inline else await trio.to_thread.run_sync(compute)
         if keep:
             self.stash[(cmd.step, mb)] = (values, outputs)
         wanted = set(cmd.to_user)
@@ -488,10 +499,11 @@ class StageRuntime:
             grad = value.grad if value.grad is not None else NONE_MARKER
             self._send(slot.source, lane, step, mb, slot.idx, grad)
 
-    def _charge(self, module: StageModule, values: list[torch.Tensor], key: tuple[int, int], keep: bool) -> None:
+    def _charge(self, module: StageModule, values: list[torch.Tensor], key: tuple[int, int], keep: bool) -> int:
         """Refuse a forward that would take the stage past its reservation: what it allocates at these input
         shapes (counted on meta, IRError past the program's bound), twice when kept for backward (its values
-        stay, and backward makes a gradient of each), plus what is held and the frames buffered on its links."""
+        stay, and backward makes a gradient of each), plus what is held and the frames buffered on its links.
+        Returns what the forward is charged."""
         forward = forward_bytes(module.memory_at([list(v.shape) for v in values]), train=keep)
         held = self.needed(reserve=False) + self._buffered()
         self._require(held + forward, f"micro-batch {key[1]} of step {key[0]}")
@@ -499,6 +511,7 @@ class StageRuntime:
             self.stash_bytes[key] = forward
         else:
             self.running = forward
+        return forward
 
     def _buffered(self) -> int:
         return sum(link.mailbox.buffered_bytes for link in {id(x): x for x in self.links.values()}.values())
