@@ -3,8 +3,9 @@
 State: the loaded stage programs (a training one, and an eval one for generation that shares its
 weights by name), the optimizer and its state, the activations kept for backward, and the gradients
 of a fused step waiting for the owner's backward. Compute runs in a worker thread so the event loop
-keeps moving frames while a micro-batch computes; sends go out from tasks of their own, so a stage
-never waits on a slow neighbour before starting its next micro-batch.
+keeps moving frames while a micro-batch computes (a small inference forward alone in its step, a decode
+step, runs on the loop: see INLINE_BYTES); sends go out from tasks of their own, so a stage never waits on
+a slow neighbour before starting its next micro-batch.
 
 Randomness is seeded per (job, step, micro-batch, stage), so recomputing a micro-batch (proof of
 learning) or handing the stage to another worker (fault tolerance) gives the same result.
