@@ -14,11 +14,11 @@ import pytest
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from tensorlink.local import LocalSwarm
 from tensorlink.p2p.host import make_host
 from tensorlink.p2p.identity import load_or_create_identity, peer_id_of
 from tensorlink.p2p.peer_host import PeerHost
 from tensorlink.p2p.streams import close_stream, open_stream, read_message
-from tensorlink.local import LocalSwarm
 from tensorlink.validator import JobRefused, request_job
 from tensorlink.wire.messages import ErrorReply, JobPlan, JobRequest, UnitCost
 from tensorlink.wire.protocols import JOB_PROTOCOL
