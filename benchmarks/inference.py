@@ -12,7 +12,7 @@ this process (the driver) runs torch with one thread too, so a stage's compute c
 1. Decoding. HF ``GPT2LMHeadModel`` from ``GPT2Config(n_layer=8, n_embd=256, n_head=4, vocab_size=8192,
    n_positions=128)``, dropout 0, seed 0; a prompt of ``PROMPT`` tokens (seed 1). Local: the model's own
    ``generate(max_new_tokens=N, do_sample=False)`` (greedy, HF's KV cache). Offloaded: ``tensorlink.offload(copy,
-   network=swarm, workers=2)``, one forward (the pipeline starts on it), then ``generate(ids, max_new_tokens=N)``
+   network=swarm, workers=2)``, then the same ``generate`` call (the first one opens the pipeline)
    (greedy; each stage keeps the KV cache of its layers). After one warm-up generate each, ``--repeats`` rounds
    alternate local and offloaded (a noisy machine slows both alike); ms per token = a generate's wall time / N
    (the prompt's step included: one step in N), the median of the rounds counts. Both must produce the same
@@ -169,7 +169,7 @@ def run_decode(swarm: Any, plan: Plan) -> Decode:
     import tensorlink
 
     model = make_gpt2().eval()
-    remote_copy = copy.deepcopy(model).train()  # offload() of an eval-mode model fails today (issue 14, item 1)
+    remote_copy = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
 
     def local() -> torch.Tensor:
@@ -178,14 +178,12 @@ def run_decode(swarm: Any, plan: Plan) -> Decode:
         return out
 
     def remote() -> torch.Tensor:
-        return offloaded.generate(ids, max_new_tokens=plan.tokens)
+        return offloaded.generate(ids, max_new_tokens=plan.tokens, do_sample=False, pad_token_id=0)
 
     started = time.perf_counter()
     offloaded = tensorlink.offload(remote_copy, network=swarm, workers=2)
     try:
-        with torch.no_grad():
-            offloaded(input_ids=ids)  # generate needs the pipeline started (issue 14, item 2)
-        first = remote()
+        first = remote()  # generate() opens the pipeline itself
         setup_s = time.perf_counter() - started
         reference = local()
         pids = [w.proc.pid for w in swarm.workers]
