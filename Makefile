@@ -46,10 +46,12 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-torch $(NATIVE_SOURCES)
 # The NAT traversal tests (tests/netns) build network namespaces with iptables NAT routers; the machines
 # that run them (CI included) run tests as root. Elsewhere this only warns and the NAT tests say why
 # they cannot run.
+# The dashboard tests (tests/node/test_dashboard_browser.py) drive Debian's headless chromium through chromedriver.
 system-deps:
-	@command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 && test -f /usr/include/openssl/evp.h || \
-		(apt-get update && apt-get install -y iptables iproute2 libssl-dev) || \
-		echo "warning: could not install iptables/iproute2/libssl-dev (needs root and apt); the build needs libssl-dev and the tests/netns NAT tests need iptables"
+	@command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 && test -f /usr/include/openssl/evp.h && \
+		command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y iptables iproute2 libssl-dev chromium chromium-driver) || \
+		echo "warning: could not install iptables/iproute2/libssl-dev/chromium (needs root and apt); the build needs libssl-dev, the tests/netns NAT tests iptables, the dashboard tests chromium and chromium-driver"
 
 install: system-deps $(VENV)/.stamp-install
 
