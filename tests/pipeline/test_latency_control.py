@@ -2,7 +2,7 @@
 
 The harness is test_hostile_worker's: a real StageHost on its own libp2p host serving the stage protocol, the real
 stage program loaded, an owner's real Client and Pipeline. What is checked:
-- a step's RunStep and its answer never go over the stage stream (Lane.CONTROL frames), other commands still do;
+- a step's RunStep never goes over the stage stream (it is a Lane.CONTROL frame), other commands still do;
 - a step ends with its outputs, before its Done (a slow Done does not delay it), and the next command to that stage
   is sent only after that Done: one command at a time per stage;
 - a step that fails after its outputs came fails the next step, naming the stage, the worker and the step; one that
@@ -28,7 +28,6 @@ from tensorlink.stage.runtime import FixedReservation, StageError, StageRuntime
 from tensorlink.stage.session import Session, step_frame, step_of_frame
 from tensorlink.wire.messages import StageAssign
 from tensorlink.wire.stage import RunStep, StageMessage, ZeroGrad, encode_stage
-from tensorlink.worker import stage_host
 
 pytestmark = [pytest.mark.swarm]
 
@@ -41,21 +40,16 @@ def test_a_step_command_goes_on_the_data_plane_and_others_on_the_stream(pipeline
     on_stream: list[str] = []  # what the owner wrote on the stage stream
     on_lane: list[str] = []  # what the worker took from the owner's channel
     handled: list[str] = []
-    answered: list[str] = []  # what the worker wrote on the stage stream
-    honest_send, honest_next, honest_answer = job_module.send_stage, Session.next_step, stage_host.send_stage
+    honest_send, honest_next = job_module.send_stage, Session.next_step
 
     async def send(stream: Any, msg: StageMessage) -> None:
         on_stream.append(type(msg).__name__)
         await honest_send(stream, msg)
 
-    async def next_step(self: Session) -> tuple[int, Any]:
-        seq, step = await honest_next(self)
+    async def next_step(self: Session) -> RunStep:
+        step = await honest_next(self)
         on_lane.append(type(step).__name__)
-        return seq, step
-
-    async def answer(stream: Any, msg: StageMessage) -> None:
-        answered.append(type(msg).__name__)
-        await honest_answer(stream, msg)
+        return step
 
     async def handle(self: Session, msg: StageMessage) -> StageMessage:
         handled.append(type(msg).__name__)
@@ -63,7 +57,6 @@ def test_a_step_command_goes_on_the_data_plane_and_others_on_the_stream(pipeline
 
     monkeypatch.setattr(job_module, "send_stage", send)
     monkeypatch.setattr(Session, "next_step", next_step)
-    monkeypatch.setattr(stage_host, "send_stage", answer)
     monkeypatch.setattr(Session, "handle", handle)
     x = torch.randn(4, 8)
     for _ in range(3):
@@ -72,7 +65,6 @@ def test_a_step_command_goes_on_the_data_plane_and_others_on_the_stream(pipeline
     assert handled == ["RunStep"] * 3 + ["ZeroGrad"], handled
     assert on_stream == ["ZeroGrad"], f"the stage stream carried {on_stream}"
     assert on_lane == ["RunStep"] * 2, on_lane  # the first one was read before the patch
-    assert answered == ["Done"], f"the worker answered {answered} on the stage stream"  # ZeroGrad's
     ref = pipeline.driver.job.stages[0]
     assert not ref.unread and ref.steps_out == 3
 
@@ -143,12 +135,9 @@ def test_a_control_frame_that_is_no_step_fails_as_a_bad_command(pipeline: Owner)
     ref = job.stages[0]
 
     async def send(frame: torch.Tensor) -> None:
-        """What Job._post does, with a forged frame."""
-        seq = ref.steps_out
-        ref.link.mailbox.expect((Lane.CONTROL, seq, 0, ref.index), job_module._answer_check)
-        await ref.link.send(Lane.CONTROL, seq, 0, ref.index, frame)
+        await ref.link.send(Lane.CONTROL, ref.steps_out, 0, ref.index, frame)
         ref.steps_out += 1
-        ref.unread.append(("RunStep", " (forged)", seq))
+        ref.unread.append(("RunStep", " (forged)"))
         await job._settle(ref)
 
     bad = {
@@ -179,6 +168,6 @@ async def test_a_stage_reads_steps_from_its_owner_only() -> None:
         await session.next_step()
     assert waited.cancelled_caught, "a neighbour's control frame was taken as a command"
     await owner.send(Lane.CONTROL, 0, 0, 1, step_frame(STEP))
-    assert await session.next_step() == (0, STEP)
+    assert await session.next_step() == STEP
     assert session.steps_in == 1
     assert step_of_frame(step_frame(STEP)) == STEP

@@ -5,10 +5,10 @@ control stream of every remote stage, and, in private mode, runs the first and t
 process with the same Session code the workers run. Every command goes to the stages concurrently;
 a Failed reply or a broken link raises PipelineError naming the stage and the worker.
 
-A step's command goes to a worker on its data-plane channel (Lane.CONTROL, ``Job.step``), which answers there too:
-a decode step sends no libp2p message. An inference step ends when its outputs are here; the stage's answer is read
-later, at the latest before the next command to that stage, so one command at a time per stage holds, and a step's
-failure surfaces during that step or the next. A task per stage stream files that stream's replies in order.
+A step's command goes to a worker on its data-plane channel (Lane.CONTROL, ``Job.step``) and the step ends when
+its outputs are here: no libp2p message is on a decode step's path. The stage's Done is read later (a task per
+stream files the replies in order), at the latest before the next command to that stage, so one command at a time
+per stage holds, and a step's failure surfaces during that step or the next.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tensorlink.p2p.streams import StreamError, close_stream
 from tensorlink.pipeline.client import Client
 from tensorlink.stage.links import Announced, ChannelLink, Lane, Link, LinkClosed, LocalLink
 from tensorlink.stage.runtime import FixedReservation
-from tensorlink.stage.session import Session, describe, recv_stage, reply_of_frame, send_stage, step_frame
+from tensorlink.stage.session import Session, describe, recv_stage, send_stage, step_frame
 from tensorlink.transport import ChannelError
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.messages import StageAssign
@@ -133,9 +133,8 @@ class StageRef:
     blobs_in: int = 0  # stage -> owner
     steps_out: int = 0  # RunStep frames sent on Lane.CONTROL (Session.steps_in on the worker)
     replies: trio.MemoryReceiveChannel[StageMessage | Exception] | None = None  # the stream's, in order
-    # Commands sent whose reply is not read yet, oldest first: (kind, which one, e.g. " of step 3", the number of its
-    # answer on Lane.CONTROL or None: on the stream).
-    unread: collections.deque[tuple[str, str, int | None]] = field(default_factory=collections.deque)
+    # Commands sent whose reply is not read yet, oldest first: (kind, which one, e.g. " of step 3").
+    unread: collections.deque[tuple[str, str]] = field(default_factory=collections.deque)
 
     @property
     def where(self) -> str:
@@ -320,7 +319,7 @@ class Job:
                 else:
                     await self._settle(ref)
                     await send_stage(ref.stream, msg)
-                    ref.unread.append((kind, "", None))
+                    ref.unread.append((kind, ""))
                     return await self._reply(ref)
         except (StreamError, WireError, LinkClosed) as exc:
             raise PipelineError(f"{ref.where}: {kind} failed: {exc}") from None
@@ -333,18 +332,11 @@ class Job:
     async def _reply(self, ref: StageRef) -> Done:
         """The stage's reply to the oldest command not answered yet; PipelineError for a Failed one."""
         assert ref.replies is not None
-        kind, which, seq = ref.unread[0]
+        kind, which = ref.unread[0]
         try:
-            if seq is None:
-                reply = await ref.replies.receive()
-            else:
-                reply = reply_of_frame(await ref.link.recv(Lane.CONTROL, seq, 0, ref.index))
+            reply = await ref.replies.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise PipelineError(f"{ref.where}: the stage stream is closed; {kind}{which} has no answer") from None
-        except LinkClosed as exc:
-            raise PipelineError(f"{ref.where}: {exc}") from None
-        except WireError as exc:
-            raise PipelineError(f"{ref.where} answered {kind}{which} with what is no stage message: {exc}") from None
         ref.unread.popleft()
         if isinstance(reply, Exception):
             raise PipelineError(f"{ref.where}: {kind}{which} failed: {reply}")
@@ -377,14 +369,12 @@ class Job:
 
     async def _post(self, ref: StageRef, cmd: RunStep) -> None:
         await self._settle(ref, 1)
-        seq = ref.steps_out
-        ref.link.mailbox.expect((Lane.CONTROL, seq, 0, ref.index), _answer_check)
         try:
-            await ref.link.send(Lane.CONTROL, seq, 0, ref.index, step_frame(cmd))
+            await ref.link.send(Lane.CONTROL, ref.steps_out, 0, ref.index, step_frame(cmd))
         except LinkClosed as exc:  # where this side closed it (a refused frame), why
             raise PipelineError(f"{ref.where}: {ref.link.mailbox.error or f'RunStep failed: {exc}'}") from None
         ref.steps_out += 1
-        ref.unread.append(("RunStep", f" of step {cmd.step}", seq))
+        ref.unread.append(("RunStep", f" of step {cmd.step}"))
 
     async def _watch(self, scope: trio.CancelScope, refs: list[StageRef]) -> None:
         with scope:
@@ -440,13 +430,6 @@ class Job:
         finally:
             ref.link.mailbox.retire(Lane.BLOB, seq)
         return reply, got
-
-
-def _answer_check(frame: Announced) -> str | None:
-    """What the answer to a step on Lane.CONTROL may be: empty (Done) or an encoded Failed."""
-    if frame.dtype == torch.uint8 and len(frame.shape) == 1 and frame.nbytes <= Failed.max_bytes:
-        return None
-    return f"{frame.dtype} {list(frame.shape)}, expected at most {Failed.max_bytes} uint8 bytes"
 
 
 def _checked(ref: StageRef, kind: str, reply: StageMessage) -> Done:

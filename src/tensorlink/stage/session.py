@@ -4,8 +4,8 @@ A worker's StageHost (worker/stage_host.py) runs a Session per assigned stage an
 owner speaks that protocol to its workers (pipeline/job.py) and, in private mode, runs its own first and last
 stage with the same Session. The owner drives a stage with commands (wire/stage.py), one at a time, each
 answered by Done or Failed on the stream. A step's command (RunStep) comes as a frame on the owner's data-plane
-channel instead (Lane.CONTROL, numbered in order per stage) and is answered there under the same number (an empty
-frame for Done, else the encoded Failed): a decode step sends no libp2p message.
+channel instead (Lane.CONTROL, numbered in order per stage): a decode step then waits on no libp2p message, and
+its Done is read by the owner later.
 """
 
 from __future__ import annotations
@@ -70,19 +70,6 @@ def step_of_frame(frame: torch.Tensor) -> RunStep:
     return msg
 
 
-def reply_frame(reply: StageMessage) -> torch.Tensor:
-    """A data-plane step's answer on Lane.CONTROL: empty for Done (a step's carries nothing), else the encoded
-    reply (a Failed)."""
-    if isinstance(reply, Done):
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(encode_stage(reply)), dtype=torch.uint8)
-
-
-def reply_of_frame(frame: torch.Tensor) -> StageMessage:
-    """The answer a Lane.CONTROL frame carries (WireError: none)."""
-    return Done() if frame.numel() == 0 else decode_stage(frame.numpy().tobytes())
-
-
 def describe(exc: BaseException) -> str:
     """What went wrong, without trio's nesting: the innermost errors of an exception group."""
     inner = getattr(exc, "exceptions", None)
@@ -109,20 +96,12 @@ class Session:
         self.blobs_out = 0
         self.steps_in = 0  # RunStep frames taken from the owner's Lane.CONTROL, counted alike on both sides
 
-    async def next_step(self) -> tuple[int, RunStep | StageError]:
-        """The owner's next step command from its own channel (no neighbour's frame is read as one) and its number,
-        or the StageError of a frame that is none; LinkClosed when that channel is gone."""
-        seq = self.steps_in
-        frame = await self.links["user"].recv(Lane.CONTROL, seq, 0, self.assign.stage)
+    async def next_step(self) -> RunStep:
+        """The owner's next step command from its own channel (no neighbour's frame is read as one): StageError
+        for a frame that is none; LinkClosed when that channel is gone."""
+        frame = await self.links["user"].recv(Lane.CONTROL, self.steps_in, 0, self.assign.stage)
         self.steps_in += 1
-        try:
-            return seq, step_of_frame(frame)
-        except StageError as exc:
-            return seq, exc
-
-    async def answer_step(self, seq: int, reply: StageMessage) -> None:
-        """Answer step command ``seq`` on the owner's channel (LinkClosed when it is gone)."""
-        await self.links["user"].send(Lane.CONTROL, seq, 0, self.assign.stage, reply_frame(reply))
+        return step_of_frame(frame)
 
     def attach(self, peer: str, link: ChannelLink) -> None:
         a = self.assign

@@ -23,7 +23,7 @@ from tensorlink.transport import Channel, ChannelError
 from tensorlink.transport.service import ChannelService
 from tensorlink.wire.errors import WireError
 from tensorlink.wire.protocols import STAGE_PROTOCOL
-from tensorlink.wire.stage import Close, Done, Failed, StageMessage, StageOpen, encode_stage
+from tensorlink.wire.stage import Close, Done, Failed, RunStep, StageMessage, StageOpen, encode_stage
 
 log = logging.getLogger(__name__)
 CHANNEL_WAIT_S = 60.0
@@ -154,15 +154,15 @@ class StageHost:
             self._end(session)
 
     async def _serve_session(self, stream: Stream, session: Session) -> None:
-        """Carry out the owner's commands one at a time, in the order they come: those of the stream, answered on
-        it, and the steps of its data-plane channel (Session.next_step), answered there."""
-        send, commands = trio.open_memory_channel[tuple[StageMessage | StageError, int | None] | None](0)
+        """Carry out the owner's commands one at a time, in the order they come, each answered on the stream:
+        those of the stream and the steps of its data-plane channel (Session.next_step)."""
+        send, commands = trio.open_memory_channel[StageMessage | StageError | None](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_stream, stream, session, send.clone())
             nursery.start_soon(self._read_steps, session, send)
             async with commands:
-                async for item in commands:
-                    if item is None or not await self._answer(stream, session, *item):
+                async for msg in commands:
+                    if msg is None or not await self._answer(stream, session, msg):
                         break
             nursery.cancel_scope.cancel()
 
@@ -170,48 +170,44 @@ class StageHost:
         async with send:
             while True:
                 try:
-                    msg = await recv_stage(stream)
+                    msg: StageMessage | None = await recv_stage(stream)
                 except (StreamError, WireError) as exc:
                     log.info("job %s: stage stream ended: %s", session.assign.job.hex()[:8], exc)
-                    await send.send(None)
+                    msg = None
+                await send.send(msg)
+                if msg is None:
                     return
-                await send.send((msg, None))
 
     async def _read_steps(self, session: Session, send: trio.MemorySendChannel[Any]) -> None:
         async with send:
             while True:
                 try:
-                    seq, step = await session.next_step()
+                    step: RunStep | StageError = await session.next_step()
+                except StageError as exc:  # a bad frame: that command fails, as a bad one on the stream does
+                    step = exc
                 except LinkClosed:
                     return  # the owner's channel is gone: its stream commands still get their answers
-                await send.send((step, seq))
+                await send.send(step)
 
-    async def _answer(self, stream: Stream, session: Session, msg: StageMessage | StageError, seq: int | None) -> bool:
-        """Carry out one command and answer it where it came from (``seq``: the step's number on the owner's
-        channel); False: the session ends."""
+    async def _answer(self, stream: Stream, session: Session, msg: StageMessage | StageError) -> bool:
+        """Carry out one command and answer it; False: the session ends."""
         if isinstance(msg, Close):
             await send_stage(stream, Done())
             return False
-        lives = True
         try:
-            if isinstance(msg, StageError):  # a bad step frame: that command fails, as a bad one on the stream does
+            if isinstance(msg, StageError):
                 raise msg
             reply = await session.handle(msg)
         except StageError as exc:
             reply = Failed(code=exc.code, message=str(exc))
         except LinkClosed as exc:
-            reply, lives = Failed(code="link_closed", message=str(exc)), False
+            await send_stage(stream, Failed(code="link_closed", message=str(exc)))
+            return False
         except Exception as exc:  # a bad program or tensor: this command fails, the session lives
             log.info("job %s: command %s failed: %r", session.assign.job.hex()[:8], type(msg).__name__, exc)
             reply = Failed(code="command_failed", message=f"{type(msg).__name__}: {describe(exc)}"[:4000])
-        if seq is None:
-            await send_stage(stream, reply)
-            return lives
-        try:
-            await session.answer_step(seq, reply)
-        except LinkClosed:
-            return False
-        return lives
+        await send_stage(stream, reply)
+        return True
 
     def _end(self, session: Session) -> None:
         """The owner is gone or done: free the stage and its memory."""
